@@ -1,0 +1,357 @@
+"""The engine (add_request / abort_request / step) and the offline `LLM` API built on it."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence as SequenceOf
+
+from tqdm.auto import tqdm
+
+from pagedserve.chat_template import render_chat_prompt
+from pagedserve.config import DEFAULT_MODEL, EngineConfig, ModelConfig
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.sequence import Sequence, SequenceStatus
+from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
+from pagedserve.loader.checkpoint import Checkpoint, open_checkpoint
+from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedserve.platform import Platform
+from pagedserve.sampling_params import OutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    prompt_logprobs: list[PositionLogprobs | None] | None
+    num_sent_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and lifetime counters (tokens), for logs and metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_prompt_tokens: int           # prompt tokens computed (cache hits excluded)
+    num_generation_tokens: int
+    num_prefix_cache_queries: int
+    num_prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        checkpoint = open_checkpoint(config)
+        self.model_config: ModelConfig = checkpoint.model_config
+        self.tokenizer = checkpoint.tokenizer
+        self.generation_defaults: dict[str, Any] = checkpoint.generation_defaults
+        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype)
+        self.runner = ModelRunner(self.model_config, self.platform, checkpoint.weights(), config.seed)
+        self.max_model_len = self._resolve_max_model_len()
+        num_blocks = self._resolve_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                                   self.max_model_len)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+        self._requests: dict[str, _Request] = {}
+        self.num_prompt_tokens_computed = 0
+        self.num_generation_tokens_total = 0
+        self.load_seconds = time.perf_counter() - start
+        logger.info(
+            "Loaded %s (%s, %.1fM parameters, %.0f MiB) on %s as %s in %.1fs; KV cache: %d blocks x %d tokens = "
+            "%d tokens, %.0f MiB; max_model_len %d", config.model, self.model_config.architecture,
+            sum(p.numel() for p in self.runner.model.parameters()) / 1e6, self.runner.num_parameter_bytes / 2**20,
+            self.platform.device, str(self.platform.dtype).removeprefix("torch."), self.load_seconds, num_blocks,
+            config.block_size, num_blocks * config.block_size,
+            num_blocks * self.runner.kv_bytes_per_block(config.block_size) / 2**20, self.max_model_len)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, add_special_tokens: bool = True) -> None:
+        """Queue a request. Raises ValueError (nothing queued) for a prompt that cannot be served."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_token_ids = self.tokenize(prompt, add_special_tokens)
+        max_tokens = self.validate(prompt_token_ids, params)
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        backend = self.tokenizer.backend_tokenizer
+        seqs, detokenizers = [], []
+        for index in range(params.n):
+            seq_params = params if index == 0 or params.seed is None else params.replace(seed=params.seed + index)
+            seqs.append(Sequence(request_id, prompt_token_ids, seq_params, max_tokens, self.eos_token_ids,
+                                 index=index, arrival_time=arrival_time))
+            detokenizers.append(IncrementalDetokenizer(backend, prompt_token_ids, seq_params))
+        seqs[0].pending_forks = seqs[1:]
+        prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+        self._requests[request_id] = _Request(request_id, prompt_text, prompt_token_ids, params, seqs, detokenizers,
+                                              RequestMetrics(arrival_time), prompt_logprobs, [0] * params.n)
+        self.scheduler.add(seqs[0])
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stop requests now; their KV blocks return to the pool at once."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage, num_prompt_tokens=self.num_prompt_tokens_computed,
+            num_generation_tokens=self.num_generation_tokens_total,
+            num_prefix_cache_queries=self.block_manager.num_prefix_queries,
+            num_prefix_cache_hits=self.block_manager.num_prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        now = time.time()
+        rows = {}
+        for item in scheduler_output.scheduled:
+            request = self._requests[item.seq.request_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if item.start < item.seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(item.num_new_tokens, item.seq.num_prompt_tokens - item.start)
+            if item.is_sampling:
+                seq = item.seq
+                rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
+                                               seq.eos_token_ids)
+        runner_output = self.runner.execute(scheduler_output, rows)
+        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
+        return self._process_outputs(scheduler_output, runner_output, appended)
+
+    def _process_outputs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                         appended: list[Sequence]) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _Request] = {}
+        scheduled_seqs = {item.seq.seq_id: item.seq for item in scheduler_output.scheduled}
+        for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
+            seq = scheduled_seqs[seq_id]
+            request = self._requests[seq.request_id]
+            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
+        for seq in appended:
+            request = self._requests[seq.request_id]
+            touched[request.request_id] = request
+            self.num_generation_tokens_total += 1
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+            token_logprobs = runner_output.logprobs.get(seq.seq_id)
+            if token_logprobs is not None:
+                seq.cumulative_logprob += token_logprobs.logprob
+                seq.output_logprobs.append(self._to_position_logprobs(token_logprobs))
+            stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
+            if stop is not None and not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
+        outputs = []
+        for request in touched.values():
+            output = self._make_output(request)
+            if output is not None:
+                outputs.append(output)
+            if request.is_finished:
+                request.metrics.finished_time = now
+                del self._requests[request.request_id]
+        return outputs
+
+    def _make_output(self, request: _Request) -> RequestOutput | None:
+        finished = request.is_finished
+        kind = request.params.output_kind
+        if kind is OutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind is OutputKind.DELTA
+        completions = []
+        for seq, detokenizer in zip(request.seqs, request.detokenizers):
+            new_text = detokenizer.take_new_text(seq.is_finished)
+            sent = request.num_sent_tokens[seq.index] if delta else 0
+            request.num_sent_tokens[seq.index] = seq.num_output_tokens
+            output_ids = seq.token_ids[seq.num_prompt_tokens + sent:]
+            logprobs = seq.output_logprobs[sent:] if seq.params.logprobs is not None else None
+            text = new_text if delta else detokenizer.emitted_text
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=output_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                num_output_tokens=seq.num_output_tokens))
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            outputs=completions, finished=finished, prompt_logprobs=request.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens, metrics=request.metrics)
+
+    def _to_position_logprobs(self, logprobs: TokenLogprobs) -> PositionLogprobs:
+        """The chosen token first, then the top alternatives, each with its decoded text."""
+        entries: PositionLogprobs = {
+            logprobs.token_id: Logprob(logprobs.logprob, logprobs.rank, self._decode_one(logprobs.token_id))}
+        for rank, (top_id, value) in enumerate(zip(logprobs.top_token_ids, logprobs.top_logprobs), start=1):
+            if top_id not in entries:
+                entries[top_id] = Logprob(value, rank, self._decode_one(top_id))
+        return entries
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ---- validation and sizing ------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model; returns its resolved max_tokens."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        vocab_size = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {max(prompt_token_ids)}")
+        for token_id in params.logit_bias or {}:
+            if token_id >= vocab_size:
+                raise ValueError(f"logit_bias token id {token_id} is out of vocabulary (size {vocab_size})")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                             f"prompt has {num_prompt} tokens, which leaves no room for output. Please reduce the "
+                             f"length of the prompt.")
+        if params.max_tokens is None:
+            return self.max_model_len - num_prompt
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
+                             f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
+                             f"or completion.")
+        return params.max_tokens
+
+    def _resolve_max_model_len(self) -> int:
+        model_max = self.model_config.max_position_embeddings
+        asked = self.config.max_model_len
+        if asked is None:
+            return model_max
+        if asked > model_max:
+            logger.warning("max_model_len %d exceeds what %s was trained for (%d); using %d",
+                           asked, self.config.model, model_max, model_max)
+            return model_max
+        return asked
+
+    def _resolve_num_blocks(self) -> int:
+        block_size = self.config.block_size
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        else:
+            num_blocks = self.platform.kv_cache_bytes(self.config) // self.runner.kv_bytes_per_block(block_size)
+            # No use holding more than every sequence at full length could fill.
+            most_useful = -(-self.max_model_len // block_size) * self.config.max_num_seqs
+            num_blocks = min(num_blocks, most_useful)
+        if num_blocks * block_size < self.max_model_len:
+            capacity = num_blocks * block_size
+            if capacity < block_size:
+                raise ValueError("the KV cache budget is too small for a single block; raise --kv-cache-space")
+            logger.warning("the KV cache holds %d tokens, less than max_model_len %d; lowering max_model_len to %d",
+                           capacity, self.max_model_len, capacity)
+            self.max_model_len = capacity
+        return num_blocks
+
+
+def _tokenizer_eos(tokenizer) -> frozenset[int]:
+    eos = tokenizer.eos_token_id
+    return frozenset() if eos is None else frozenset([eos])
+
+
+class LLM:
+    """Offline generation: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = _params_per_prompt(sampling_params, len(prompts))
+        request_ids = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = str(self._next_id)
+            self._next_id += 1
+            self.engine.add_request(request_id, prompt, params.replace(output_kind=OutputKind.FINAL_ONLY))
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = render_chat_prompt(self.engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+            prompts.append(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        progress.update(1)
+        except BaseException:
+            self.engine.abort_request(request_ids)
+            raise
+        finally:
+            progress.close()
+        return [results[request_id] for request_id in request_ids]
+
+
+def _params_per_prompt(params: SamplingParams | SequenceOf[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return list(params)

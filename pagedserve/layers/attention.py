@@ -1,0 +1,160 @@
+"""Attention over the paged KV cache, and the per-step context every attention layer reads.
+
+Each layer's cache is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]. A step's
+new K/V are written to their slots first; then each query attends through its sequence's block table.
+The batch puts decodes (one query token each) first, attended together in one batched call, and then
+prefill chunks, each attended on its own with a causal mask offset by what is already cached.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    query_start: int          # first row of this chunk in the batch
+    num_query_tokens: int
+    start: int                # position of the first query token = tokens cached before it
+    block_ids: torch.Tensor   # [num_blocks] the sequence's block table
+
+    @property
+    def context_len(self) -> int:
+        return self.start + self.num_query_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """What one step's attention needs. Built once per step by the model runner, read by every layer."""
+
+    slot_mapping: torch.Tensor          # [num_tokens] flat cache slot of each new token
+    num_decodes: int
+    decode_block_tables: torch.Tensor   # [num_decodes, max_num_blocks]
+    decode_context_lens: torch.Tensor   # [num_decodes] tokens each decode attends to, itself included
+    prefills: list[PrefillChunk]
+    # Masks depend only on the step and the window, so layers with the same window share them.
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, max_len: int, window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_len] True where a key is visible."""
+        key = ("decode", window)
+        if key not in self._masks:
+            key_pos = torch.arange(max_len, device=self.decode_context_lens.device)
+            lens = self.decode_context_lens[:, None]
+            visible = key_pos[None, :] < lens
+            if window is not None:
+                visible &= key_pos[None, :] >= lens - window
+            self._masks[key] = visible[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
+        """[num_query_tokens, context_len] True where a key is visible to a query."""
+        key = ("prefill", index, window)
+        if key not in self._masks:
+            chunk = self.prefills[index]
+            device = chunk.block_ids.device
+            query_pos = torch.arange(chunk.start, chunk.context_len, device=device)[:, None]
+            key_pos = torch.arange(chunk.context_len, device=device)[None, :]
+            visible = key_pos <= query_pos
+            if window is not None:
+                visible &= key_pos > query_pos - window
+            self._masks[key] = visible
+        return self._masks[key]
+
+
+_forward_context: AttentionMetadata | None = None
+
+
+@contextmanager
+def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make `metadata` visible to every attention layer for the duration of one forward pass."""
+    global _forward_context
+    assert _forward_context is None, "forward contexts do not nest"
+    _forward_context = metadata
+    try:
+        yield
+    finally:
+        _forward_context = None
+
+
+def get_forward_context() -> AttentionMetadata:
+    assert _forward_context is not None, "attention called outside forward_context()"
+    return _forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        # Set by the model runner once the cache is allocated.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]."""
+        meta = get_forward_context()
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        flat_shape = (-1, self.num_kv_heads, self.head_dim)
+        self.k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)                                   # [num_tokens, num_heads, head_dim]
+        if meta.num_decodes:
+            out[:meta.num_decodes] = self._decode(q[:meta.num_decodes], meta)
+        for index, chunk in enumerate(meta.prefills):
+            rows = slice(chunk.query_start, chunk.query_start + chunk.num_query_tokens)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], meta, index)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_seqs, max_blocks = meta.decode_block_tables.shape
+        max_len = max_blocks * self.k_cache.shape[1]
+        # [num_seqs, num_kv_heads, max_len, head_dim], gathered through the block tables
+        keys = self.k_cache[meta.decode_block_tables].view(num_seqs, max_len, self.num_kv_heads, -1).transpose(1, 2)
+        values = self.v_cache[meta.decode_block_tables].view(num_seqs, max_len, self.num_kv_heads, -1).transpose(1, 2)
+        mask = meta.decode_mask(max_len, self.sliding_window)
+        out = self._attend(q.unsqueeze(2), keys, values, mask)      # [num_seqs, num_heads, 1, head_dim]
+        return out.squeeze(2)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 index: int) -> torch.Tensor:
+        chunk = meta.prefills[index]
+        if chunk.start == 0 and self.sliding_window is None and self.logit_softcap is None:
+            # Nothing cached before this chunk: attend to its own K/V with the built-in causal mask.
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                is_causal=True, scale=self.scale, enable_gqa=True)
+            return out.transpose(0, 1)
+        # [num_kv_heads, context_len, head_dim]
+        keys = self.k_cache[chunk.block_ids].flatten(0, 1)[:chunk.context_len].transpose(0, 1)
+        values = self.v_cache[chunk.block_ids].flatten(0, 1)[:chunk.context_len].transpose(0, 1)
+        mask = meta.prefill_mask(index, self.sliding_window)
+        return self._attend(q.transpose(0, 1), keys, values, mask).transpose(0, 1)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """q: [..., num_heads, q_len, head_dim]; keys/values: [..., num_kv_heads, k_len, head_dim]."""
+        if self.logit_softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=True)
+        group = self.num_heads // self.num_kv_heads
+        keys = keys.repeat_interleave(group, dim=-3)
+        values = values.repeat_interleave(group, dim=-3)
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1), values.float()).to(q.dtype)

@@ -1,0 +1,52 @@
+"""One entry point from a model name to everything the engine needs: config, tokenizer, weights."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.loader.gguf import gguf_hf_config, iter_gguf_weights, num_gguf_tensors, read_gguf
+from pagedserve.loader.safetensors import (generation_defaults, iter_safetensors_weights, load_hf_config,
+                                           num_safetensors_tensors)
+from pagedserve.loader.source import ModelSource, resolve_model
+from pagedserve.loader.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    source: ModelSource
+    model_config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    generation_defaults: dict[str, Any]
+    num_tensors: int
+    _iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor) pairs, with a progress bar while they load."""
+        yield from tqdm(self._iter_weights(), total=self.num_tensors, desc="Loading weights", unit="tensor",
+                        leave=False)
+
+
+def open_checkpoint(config: EngineConfig) -> Checkpoint:
+    source = resolve_model(config.model, config.revision, config.download_dir)
+    if source.kind == "gguf":
+        gguf = read_gguf(source.gguf_files)
+        hf_config = gguf_hf_config(gguf)
+        defaults: dict[str, Any] = {}
+        num_tensors = num_gguf_tensors(gguf)
+        iter_weights = partial(iter_gguf_weights, gguf, hf_config)
+    else:
+        hf_config = load_hf_config(source.path)
+        defaults = generation_defaults(source.path)
+        num_tensors = num_safetensors_tensors(source.path)
+        iter_weights = partial(iter_safetensors_weights, source.path)
+    tokenizer = load_tokenizer(source, config.tokenizer, config.chat_template)
+    return Checkpoint(source, ModelConfig.from_hf(hf_config), tokenizer, defaults, num_tensors, iter_weights)

@@ -1,0 +1,74 @@
+"""Model registry (a plain dict keyed by Hugging Face architecture name) and weight loading."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pagedserve.config import ModelConfig
+from pagedserve.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+# Checkpoint entries that carry no parameters of ours (precomputed buffers some exporters include).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    if config.architecture not in MODEL_REGISTRY:
+        raise ValueError(f"unsupported model architecture {config.architecture!r}; "
+                         f"supported: {', '.join(sorted(MODEL_REGISTRY))}")
+    return MODEL_REGISTRY[config.architecture]
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Hand each checkpoint tensor (Hugging Face name) to the parameter that owns it.
+
+    Fused parameters (qkv, gate/up) receive each piece with its shard id. Every parameter must be
+    filled exactly once; anything missing or unknown is an error naming it.
+    """
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    expected = set(_expected_shards(params, packed))
+    loaded: set[tuple[str, str | None]] = set()
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        param_name, shard_id = _our_name(name, packed)
+        param = params.get(param_name)
+        if param is None:
+            raise ValueError(f"checkpoint has a weight {name!r} that this model does not use")
+        try:
+            param.weight_loader(param, tensor, shard_id)
+        except ValueError as error:
+            raise ValueError(f"weight {name!r}: {error}") from None
+        loaded.add((param_name, shard_id))
+    missing = sorted(f"{name}[{shard}]" if shard else name for name, shard in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {', '.join(missing[:5])}")
+
+
+def _our_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for checkpoint_part, (fused, shard_id) in packed.items():
+        if f".{checkpoint_part}." in name:
+            return name.replace(f".{checkpoint_part}.", f".{fused}."), shard_id
+    return name, None
+
+
+def _expected_shards(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, str]]) -> Iterable[tuple[str, str | None]]:
+    shards_of: dict[str, list[str]] = {}
+    for fused, shard_id in packed.values():
+        shards_of.setdefault(fused, []).append(shard_id)
+    for name in params:
+        module_name = name.split(".")[-2] if "." in name else ""
+        if module_name in shards_of:
+            yield from ((name, shard_id) for shard_id in shards_of[module_name])
+        else:
+            yield name, None

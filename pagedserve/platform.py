@@ -1,0 +1,84 @@
+"""Where the engine runs: device, compute dtype, threads and memory budgets, resolved once at start."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from pagedserve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# Default CPU KV budget: a share of available memory, capped so a small model stays small.
+_DEFAULT_KV_SHARE = 0.3
+_DEFAULT_KV_CAP = 1 * GiB
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float": torch.float32, "half": torch.float16}
+
+
+@dataclass(frozen=True)
+class Platform:
+    device: torch.device
+    dtype: torch.dtype
+    num_threads: int
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @classmethod
+    def resolve(cls, config: EngineConfig, checkpoint_dtype: str | None) -> Platform:
+        device = _resolve_device(config.device)
+        dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device)
+        num_threads = config.num_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        if device.type == "cpu":
+            torch.set_num_threads(num_threads)
+        return cls(device, dtype, num_threads)
+
+    def kv_cache_bytes(self, config: EngineConfig) -> int:
+        """Bytes to give the KV cache (after the weights are loaded)."""
+        if self.is_cpu:
+            if config.kv_cache_space is not None:
+                return int(config.kv_cache_space * GiB)
+            return int(min(_DEFAULT_KV_CAP, psutil.virtual_memory().available * _DEFAULT_KV_SHARE))
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return max(int(total * config.gpu_memory_utilization) - used, 0)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 matmuls natively (AVX512-BF16 or AMX); otherwise bf16 is emulated
+    and several times slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or auto")
+    return device
+
+
+def _resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        fast_bf16 = cpu_has_fast_bf16()
+        if name == "auto":
+            return torch.bfloat16 if fast_bf16 else torch.float32
+        if name in ("half", "float16"):
+            chosen = torch.bfloat16 if fast_bf16 else torch.float32
+            logger.info("dtype %s is not supported on CPU; using %s instead", name, str(chosen).removeprefix("torch."))
+            return chosen
+        return _DTYPES[name]
+    if name == "auto":
+        checkpoint = _DTYPES.get(checkpoint_dtype or "", torch.float32)
+        return torch.bfloat16 if checkpoint == torch.float32 else checkpoint
+    return _DTYPES[name]
