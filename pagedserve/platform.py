@@ -26,6 +26,8 @@ class Platform:
     device: torch.device
     dtype: torch.dtype
     num_threads: int
+    # Fused C++ kernels and packed quantized weights: float32 on CPU, unless --enforce-eager.
+    use_cpu_kernels: bool = False
 
     @property
     def is_cpu(self) -> bool:
@@ -36,9 +38,14 @@ class Platform:
         device = _resolve_device(config.device)
         dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device)
         num_threads = config.num_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        use_kernels = False
         if device.type == "cpu":
             torch.set_num_threads(num_threads)
-        return cls(device, dtype, num_threads)
+            if dtype == torch.float32 and not config.enforce_eager:
+                from pagedserve.kernels import cpu_kernels_available
+
+                use_kernels = cpu_kernels_available()
+        return cls(device, dtype, num_threads, use_kernels)
 
     def kv_cache_bytes(self, config: EngineConfig) -> int:
         """Bytes to give the KV cache (after the weights are loaded)."""

@@ -66,7 +66,8 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.generation_defaults: dict[str, Any] = checkpoint.generation_defaults
         self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype)
-        self.runner = ModelRunner(self.model_config, self.platform, checkpoint.weights(), config.seed)
+        self.runner = ModelRunner(self.model_config, self.platform,
+                                  checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
         self.max_model_len = self._resolve_max_model_len()
         num_blocks = self._resolve_num_blocks()
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
@@ -82,7 +83,7 @@ class LLMEngine:
         logger.info(
             "Loaded %s (%s, %.1fM parameters, %.0f MiB) on %s as %s in %.1fs; KV cache: %d blocks x %d tokens = "
             "%d tokens, %.0f MiB; max_model_len %d", config.model, self.model_config.architecture,
-            sum(p.numel() for p in self.runner.model.parameters()) / 1e6, self.runner.num_parameter_bytes / 2**20,
+            self.runner.num_parameters / 1e6, self.runner.num_parameter_bytes / 2**20,
             self.platform.device, str(self.platform.dtype).removeprefix("torch."), self.load_seconds, num_blocks,
             config.block_size, num_blocks * config.block_size,
             num_blocks * self.runner.kv_bytes_per_block(config.block_size) / 2**20, self.max_model_len)

@@ -11,7 +11,9 @@ from torch import nn
 
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
+from pagedserve.layers import ops
 from pagedserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, forward_context
+from pagedserve.layers.linear import PackableWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from pagedserve.models import load_weights, model_class
 from pagedserve.platform import Platform
@@ -41,6 +43,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = platform.device
         self.dtype = platform.dtype
+        ops.enable_cpu_kernels(platform.use_cpu_kernels)
         self.model = _build_model(model_config, platform, weights)
         self.sampler = Sampler(self.device, seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -49,7 +52,19 @@ class ModelRunner:
 
     @property
     def num_parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of all weights as held in memory (packed ones at their packed size)."""
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        for module in self.model.modules():
+            packed = getattr(module, "packed", None)
+            if packed is not None:
+                tensors = (packed.codes, packed.scales) + ((packed.offsets,) if packed.offsets is not None else ())
+                total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    @property
+    def num_parameters(self) -> int:
+        total = sum(p.numel() for p in self.model.parameters())
+        return total + sum(m.packed.codes.numel() for m in self.model.modules() if getattr(m, "packed", None))
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
@@ -152,4 +167,7 @@ def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tupl
     finally:
         torch.set_default_dtype(previous_dtype)
     load_weights(model, weights)
+    for module in model.modules():
+        if isinstance(module, PackableWeight):
+            module.drop_unused_float_weight()
     return model.eval()

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pagedserve.layers import ops
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)   # x: [num_tokens, 2 * intermediate]
-        return F.silu(gate) * up
+        return ops.silu_and_mul(x)          # [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]
 
 
 class GeluTanhAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        return ops.gelu_tanh_and_mul(x)
 
 
 _ACTIVATIONS = {

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.layers import ops
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -121,6 +123,10 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, meta.decode_block_tables,
+                                         meta.decode_context_lens, self.scale, self.sliding_window, self.logit_softcap)
+        if out is not None:
+            return out
         num_seqs, max_blocks = meta.decode_block_tables.shape
         max_len = max_blocks * self.k_cache.shape[1]
         # [num_seqs, num_kv_heads, max_len, head_dim], gathered through the block tables

@@ -1,23 +1,28 @@
-"""Linear layers whose parameters load their own shards (fused QKV and gate/up projections)."""
+"""Linear layers whose parameters load their own shards (fused QKV and gate/up projections).
+
+A matrix arrives from the loader either as a float tensor or as a PackedWeight (quantized GGUF
+blocks, kept packed when the CPU kernels can use them). A layer stays packed only while every shard
+it receives is packed; one float shard turns it into a plain float layer.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.layers import ops
+from pagedserve.layers.quant import PackedWeight
 
-class Linear(nn.Module):
-    """y = x W^T + b, where W may be several checkpoint tensors stacked along the output dim.
 
-    `shard_sizes` names the stacked pieces in order (e.g. q, k, v); the loader passes the piece's
-    name as `shard_id` and the parameter copies it into its rows.
-    """
+class PackableWeight(nn.Module):
+    """A [out_features, in_features] weight that is either a float Parameter or a PackedWeight."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 shard_sizes: dict[str, int] | None = None) -> None:
+    def __init__(self, out_features: int, in_features: int, shard_sizes: dict[str, int] | None) -> None:
         super().__init__()
-        self.in_features = in_features
         self.out_features = out_features
+        self.in_features = in_features
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for shard_id, size in (shard_sizes or {}).items():
@@ -25,42 +30,103 @@ class Linear(nn.Module):
             offset += size
         if shard_sizes and offset != out_features:
             raise ValueError(f"shard sizes add up to {offset}, not out_features={out_features}")
+        # NOTE: torch.empty leaves the pages untouched, so a layer that ends up packed never pays for them.
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self._load_shard
+        self.packed: PackedWeight | None = None
+        self._has_float_shard = False
+
+    def _rows(self, shard_id: str | None) -> slice:
+        if shard_id is None:
+            return slice(0, self.out_features)
+        offset, size = self.shard_offsets[shard_id]
+        return slice(offset, offset + size)
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor | PackedWeight, shard_id: str | None = None) -> None:
+        rows = self._rows(shard_id)
+        expected = (rows.stop - rows.start, self.in_features)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a parameter of "
+                             f"shape {expected}")
+        if isinstance(loaded, PackedWeight) and not self._has_float_shard:
+            self._store_packed(loaded, rows)
+            return
+        if isinstance(loaded, PackedWeight):
+            loaded = loaded.dequantize()
+        if self.packed is not None:   # earlier shards were packed: this layer becomes a float layer
+            self.weight.data.copy_(self.packed.dequantize())
+            self.packed = None
+        self._has_float_shard = True
+        self.weight.data[rows].copy_(loaded)
+
+    def _store_packed(self, loaded: PackedWeight, rows: slice) -> None:
+        if self.packed is None:
+            groups = self.in_features // loaded.group_size
+            self.packed = PackedWeight(
+                codes=torch.empty(self.out_features, self.in_features, dtype=torch.int8),
+                scales=torch.zeros(self.out_features, groups),
+                offsets=None if loaded.offsets is None else torch.zeros(self.out_features, groups),
+                group_size=loaded.group_size)
+        # Shards may differ in group size (e.g. Q5_0 q/k beside Q6_K v): keep the finer grouping.
+        if loaded.group_size < self.packed.group_size:
+            self.packed = self.packed.regroup(loaded.group_size)
+        loaded = loaded.regroup(self.packed.group_size)
+        if loaded.offsets is not None and self.packed.offsets is None:
+            self.packed = dataclasses.replace(self.packed, offsets=torch.zeros_like(self.packed.scales))
+        self.packed.codes[rows].copy_(loaded.codes)
+        self.packed.scales[rows].copy_(loaded.scales)
+        if self.packed.offsets is not None:
+            self.packed.offsets[rows].copy_(loaded.offsets if loaded.offsets is not None else 0.0)
+
+    def drop_unused_float_weight(self) -> None:
+        """After loading: a packed layer has no use for its float parameter."""
+        if self.packed is not None:
+            self.weight = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T + bias: x [..., in_features] -> [..., out_features]."""
+        if self.packed is not None:
+            return ops.packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class Linear(PackableWeight):
+    """y = x W^T + b, where W may be several checkpoint tensors stacked along the output dim.
+
+    `shard_sizes` names the stacked pieces in order (e.g. q, k, v); the loader passes the piece's
+    name as `shard_id` and the layer copies it into its rows.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 shard_sizes: dict[str, int] | None = None) -> None:
+        super().__init__(out_features, in_features, shard_sizes)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
-            self.bias.weight_loader = self._load_shard
+            self.bias.weight_loader = self._load_bias
         else:
             self.bias = None
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        target = param.data
-        if shard_id is not None:
-            offset, size = self.shard_offsets[shard_id]
-            target = target.narrow(0, offset, size)
-        if target.shape != loaded.shape:
-            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a parameter "
-                             f"of shape {tuple(target.shape)}")
-        target.copy_(loaded)
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        rows = self._rows(shard_id)
+        if loaded.shape != (rows.stop - rows.start,):
+            raise ValueError(f"bias of shape {tuple(loaded.shape)} does not fit {rows.stop - rows.start} outputs")
+        param.data[rows].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class VocabEmbedding(nn.Module):
+class VocabEmbedding(PackableWeight):
     """Token embedding; also the output projection when the checkpoint ties them."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = _copy_whole
+        super().__init__(vocab_size, hidden_size, None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.rows(input_ids).dequantize()       # [num_tokens, hidden_size]
         return F.embedding(input_ids, self.weight)
 
-
-def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a parameter "
-                         f"of shape {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states @ W^T: [num_rows, hidden_size] -> [num_rows, vocab_size] logits."""
+        return self.matmul(hidden_states, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedserve.layers import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
@@ -11,21 +13,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # NOTE: Gemma stores `weight - 1` and scales by `1 + weight`; the offset folds that in at load.
         self.weight_offset = weight_offset
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = self._load_weight
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if loaded.shape != param.shape:
+            raise ValueError(f"norm weight of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(loaded.to(torch.float32) + self.weight_offset)
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 whatever the activation dtype, as the reference implementations do.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """rms_norm(x), or with a residual (rms_norm(x + residual), x + residual)."""
         if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)

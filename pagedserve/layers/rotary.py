@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.layers import ops
+
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -22,16 +24,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> CosSin:
         # float32 products, as transformers computes them, so long positions round the same way.
         freqs = positions[:, None].float() * self.inv_freq[None, :]     # [num_tokens, head_dim / 2]
-        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]         # [num_tokens, 1, head_dim / 2]
+        return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: CosSin, head_dim: int) -> torch.Tensor:
-    """x: [num_tokens, num_heads * head_dim] -> the same, rotated."""
-    cos, sin = cos_sin
-    num_tokens = x.shape[0]
-    x1, x2 = x.view(num_tokens, -1, head_dim).float().chunk(2, dim=-1)   # [num_tokens, num_heads, head_dim / 2]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype).view(num_tokens, -1)
+    """x: [num_tokens, num_heads * head_dim] -> the same, rotated (possibly in place: use the result)."""
+    return ops.rotary(x, cos_sin[0], cos_sin[1], head_dim)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.layers.quant import PackedWeight
 from pagedserve.loader.gguf import gguf_hf_config, iter_gguf_weights, num_gguf_tensors, read_gguf
 from pagedserve.loader.safetensors import (generation_defaults, iter_safetensors_weights, load_hf_config,
                                            num_safetensors_tensors)
@@ -27,12 +28,13 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase
     generation_defaults: dict[str, Any]
     num_tensors: int
-    _iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    _iter_weights: Callable[..., Iterator[tuple[str, torch.Tensor | PackedWeight]]]
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor) pairs, with a progress bar while they load."""
-        yield from tqdm(self._iter_weights(), total=self.num_tensors, desc="Loading weights", unit="tensor",
-                        leave=False)
+    def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+        """(Hugging Face name, tensor) pairs, with a progress bar while they load. With `packed`,
+        quantized matrices come as PackedWeight where the format allows it."""
+        yield from tqdm(self._iter_weights(packed=packed), total=self.num_tensors, desc="Loading weights",
+                        unit="tensor", leave=False)
 
 
 def open_checkpoint(config: EngineConfig) -> Checkpoint:
@@ -47,6 +49,11 @@ def open_checkpoint(config: EngineConfig) -> Checkpoint:
         hf_config = load_hf_config(source.path)
         defaults = generation_defaults(source.path)
         num_tensors = num_safetensors_tensors(source.path)
-        iter_weights = partial(iter_safetensors_weights, source.path)
+        iter_weights = partial(_float_weights, source.path)
     tokenizer = load_tokenizer(source, config.tokenizer, config.chat_template)
     return Checkpoint(source, ModelConfig.from_hf(hf_config), tokenizer, defaults, num_tensors, iter_weights)
+
+
+def _float_weights(folder, packed: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    # safetensors checkpoints hold float tensors only; there is nothing to keep packed.
+    return iter_safetensors_weights(folder)

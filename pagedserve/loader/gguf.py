@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from pagedserve.layers.quant import PackedWeight
+from pagedserve.loader.gguf_blocks import can_pack, pack_blocks
+
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:
@@ -321,8 +324,13 @@ def num_gguf_tensors(ckpt: GGUFCheckpoint) -> int:
     return sum(info.name not in _CONFIG_ONLY_TENSORS for info in ckpt.tensors)
 
 
-def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, float32 tensor in HF layout) for every weight, dequantizing one at a time."""
+def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+    """Yield (HF parameter name, weight in HF layout) for every tensor, one at a time.
+
+    Weights are float32 tensors, except that with `packed` the matrices of the quantized formats
+    PackedWeight can hold exactly are yielded as PackedWeight instead of being dequantized.
+    """
     _hf_architecture(ckpt)
     architecture = ckpt.architecture
     layer_tensors = _GEMMA3_LAYER_TENSORS if architecture == "gemma3" else _LAYER_TENSORS
@@ -332,13 +340,17 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any) -> Iterator[tuple[st
         leaf, hf_name = _hf_tensor_name(info.name, layer_tensors)
         if hf_name is None:
             raise ValueError(f"{info.file}: tensor {info.name!r} has no counterpart in a {architecture} model")
-        weight = _dequantized(info)  # [out_features, in_features] or [features]
+        if packed and len(info.shape) == 2 and can_pack(info.ggml_type):
+            weight: np.ndarray | PackedWeight = pack_blocks(_raw_rows(info), info.ggml_type, info.shape[-1])
+        else:
+            weight = _dequantized(info)  # [out_features, in_features] or [features]
         if architecture in _PERMUTED_QK_ARCHITECTURES and leaf in ("attn_q", "attn_k"):
             num_heads = hf_config.num_attention_heads if leaf == "attn_q" else hf_config.num_key_value_heads
-            weight = _unpermute_rotary_rows(weight, num_heads)
+            order = _unpermuted_row_order(info.shape[0], num_heads)
+            weight = weight.rows(torch.from_numpy(order)) if isinstance(weight, PackedWeight) else weight[order]
         if architecture in _OFFSET_NORM_ARCHITECTURES and leaf.endswith("norm"):
             weight -= 1.0
-        yield hf_name, torch.from_numpy(weight)
+        yield hf_name, weight if isinstance(weight, PackedWeight) else torch.from_numpy(weight)
 
 
 def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> tuple[str, str | None]:
@@ -352,17 +364,22 @@ def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> tuple[str,
     return match["leaf"], f"model.layers.{match['layer']}.{layer_tensors[match['leaf']]}.{match['kind']}"
 
 
-def _dequantized(info: GGUFTensorInfo) -> np.ndarray:
-    """The tensor as a fresh float32 array of `info.shape`."""
+def _raw_rows(info: GGUFTensorInfo) -> np.ndarray:
+    """The tensor's bytes as [num_rows, bytes_per_row] (a plain ndarray view of the file)."""
     raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.num_bytes,))
     row_length = info.shape[-1] if info.shape else 1
-    num_rows = math.prod(info.shape) // row_length
-    rows = raw.view(np.ndarray).reshape(num_rows, -1)  # [num_rows, bytes_per_row]; plain ndarray slices fast
-    values = np.empty((num_rows, row_length), dtype=np.float32)
+    return raw.view(np.ndarray).reshape(math.prod(info.shape) // row_length, -1)
+
+
+def _dequantized(info: GGUFTensorInfo) -> np.ndarray:
+    """The tensor as a fresh float32 array of `info.shape`."""
+    rows = _raw_rows(info)
+    row_length = info.shape[-1] if info.shape else 1
+    values = np.empty((rows.shape[0], row_length), dtype=np.float32)
     # NOTE: gguf.quants.dequantize is ~5x faster on cache-sized pieces than on a whole 262k-row embedding.
     rows_per_chunk = max(1, _DEQUANTIZE_CHUNK_ELEMENTS // row_length)
     try:
-        for start in range(0, num_rows, rows_per_chunk):
+        for start in range(0, rows.shape[0], rows_per_chunk):
             chunk = slice(start, start + rows_per_chunk)
             values[chunk] = gguf.quants.dequantize(rows[chunk], info.ggml_type)
     except NotImplementedError:
@@ -371,7 +388,10 @@ def _dequantized(info: GGUFTensorInfo) -> np.ndarray:
     return values.reshape(info.shape)
 
 
-def _unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    # llama.cpp stored each head's rows as interleaved pairs (x0, x_half, x1, x_half+1, ...); HF keeps halves.
-    head_half = weight.shape[0] // num_heads // 2
-    return weight.reshape(num_heads, head_half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+def _unpermuted_row_order(num_rows: int, num_heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation.
+
+    llama.cpp stores each head's rows as interleaved pairs (x0, x_half, x1, x_half+1, ...); HF keeps halves.
+    """
+    head_half = num_rows // num_heads // 2
+    return np.arange(num_rows).reshape(num_heads, head_half, 2).swapaxes(1, 2).reshape(-1)

@@ -112,4 +112,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size] float32 logits."""
-        return torch.nn.functional.linear(hidden_states, self.lm_head.weight).float()
+        return self.lm_head.project(hidden_states).float()
