@@ -114,8 +114,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Build from a transformers `PretrainedConfig` (any supported family)."""
-        hf_config = getattr(hf_config, "text_config", None) or hf_config
+        # A multimodal checkpoint names its class on the outer config and its text model in text_config.
         architectures = getattr(hf_config, "architectures", None) or []
+        hf_config = getattr(hf_config, "text_config", None) or hf_config
         model_type = hf_config.model_type
         architecture = architectures[0] if architectures else _default_architecture(model_type)
         num_heads = hf_config.num_attention_heads
@@ -183,6 +184,10 @@ def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None, float 
     if "full_attention" in params:
         local = params.get("sliding_attention") or {}
         local_theta = local.get("rope_theta")
+        local_type = local.get("rope_type") or local.get("type") or "default"
+        if local_type != "default":
+            raise ValueError(f"rope scaling {local_type!r} on the sliding-window layers is not supported "
+                             "(only their rope_theta is)")
         params = params["full_attention"]
     theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
     local_theta = local_theta or getattr(hf_config, "rope_local_base_freq", None)

@@ -36,8 +36,13 @@ def build_tokenizer(vocab_size: int = 400):
                                    pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
 
 
-def save_tiny_checkpoint(folder: Path, config, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """Random weights for `config` saved as a Hugging Face folder with the tiny tokenizer."""
+def save_tiny_checkpoint(folder: Path, config, seed: int = 0, max_shard_size: str | None = None,
+                         perturb_vectors: bool = False) -> Path:
+    """Random weights for `config` saved as a Hugging Face folder with the tiny tokenizer.
+
+    `perturb_vectors` adds noise to norms and biases too, so a norm loaded into the wrong place (or
+    with the wrong offset) changes the logits instead of hiding behind identical initial values.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -52,11 +57,23 @@ def save_tiny_checkpoint(folder: Path, config, seed: int = 0, max_shard_size: st
         for name, param in model.named_parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.15)
+            elif perturb_vectors:
+                param.add_(torch.randn_like(param) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    """Put torch's thread count back after a module whose engines set their own (`num_threads=`)."""
+    import torch
+
+    num_threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(num_threads)
 
 
 def smollm2_gguf_path() -> Path | None:

@@ -1,59 +1,11 @@
-"""Greedy tokens and logits against Hugging Face transformers on the same weights.
-
-Eight prompts of different lengths run together with a 32-token step budget, so prompts are chunked
-and decodes share steps with prefills: the paged, batched path must give transformers' exact tokens.
-"""
+"""Greedy tokens and logits against Hugging Face transformers on the same weights (see tests/parity.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedserve import LLM, SamplingParams
-
-PROMPTS = [
-    "The capital of France is",
-    "1, 2, 3,",
-    "Once upon a time there was a small model that wanted to serve many users at once, and",
-    "你好，世界！",
-    "def hello(name):",
-    "Large language models predict the next token. Large language models predict",
-    "A",
-    "The capital of Italy is Rome. The capital of France is Paris. The capital of Spain is Madrid. The capital of",
-]
-MAX_TOKENS = 12
-
-
-def hf_greedy(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy continuation and its log-softmax over the prompt positions."""
-    input_ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-        logits = model(input_ids).logits[0].float()
-    generated = out[0, len(prompt_ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    for index, token in enumerate(generated):   # pagedserve stops at EOS; so does the comparison
-        if token in eos_ids:
-            generated = generated[:index + 1]
-            break
-    return generated, torch.log_softmax(logits, dim=-1)
-
-
-def check_parity(llm: LLM, hf_model, tokenizer, atol: float) -> None:
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, prompt_logprobs=1, logprobs=0)
-    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
-    outputs = llm.generate(prompt_ids, params)
-    for ids, output in zip(prompt_ids, outputs):
-        expected_tokens, expected_logprobs = hf_greedy(hf_model, tokenizer, ids, MAX_TOKENS)
-        assert output.outputs[0].token_ids == expected_tokens, f"prompt {tokenizer.decode(ids)!r}"
-        assert output.prompt_logprobs[0] is None
-        for position, entry in enumerate(output.prompt_logprobs[1:], start=1):
-            token = ids[position]
-            ours = entry[token].logprob
-            theirs = expected_logprobs[position - 1, token].item()
-            assert abs(ours - theirs) < atol, f"position {position}: {ours} vs {theirs}"
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+from pagedserve import LLM
+from tests.parity import check_parity
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])

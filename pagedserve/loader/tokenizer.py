@@ -45,7 +45,11 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, chat_templ
 def read_chat_template(template_or_path: str) -> str:
     """The Jinja template given as a file path or literally."""
     path = Path(template_or_path).expanduser()
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a literal template longer than a file name can be (ENAMETOOLONG)
+        is_file = False
+    if is_file:
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:

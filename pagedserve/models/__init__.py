@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from pagedserve.config import ModelConfig
+from pagedserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from pagedserve.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
@@ -30,15 +33,22 @@ def model_class(config: ModelConfig) -> type[nn.Module]:
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Hand each checkpoint tensor (Hugging Face name) to the parameter that owns it.
 
-    Fused parameters (qkv, gate/up) receive each piece with its shard id. Every parameter must be
-    filled exactly once; anything missing or unknown is an error naming it.
+    Fused parameters (qkv, gate/up) receive each piece with its shard id. A model may rename
+    checkpoint prefixes (`checkpoint_prefixes`) and skip parts it does not run
+    (`ignored_checkpoint_prefixes`, e.g. a vision tower). Every parameter must be filled exactly
+    once; anything missing or unknown is an error naming it.
     """
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    renamed: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
+    ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_prefixes", ())
     tied = getattr(model.config, "tie_word_embeddings", False)
     expected = set(_expected_shards(params, packed))
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
+        if name.startswith(ignored):
+            continue
+        name = _renamed(name, renamed)
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         param_name, shard_id = _our_name(name, packed)
@@ -53,6 +63,13 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     missing = sorted(f"{name}[{shard}]" if shard else name for name, shard in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {', '.join(missing[:5])}")
+
+
+def _renamed(name: str, prefixes: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    return name
 
 
 def _our_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
