@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 from pagedserve.cli_args import add_accepted_flags, add_dataclass_flags, coerce_file_options, load_config_file, pick
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, ServerConfig
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -24,11 +25,23 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "max_seq_len_to_capture": (int, "no CUDA graphs are captured"),
     "distributed_executor_backend": (str, "one process serves the model"),
     "worker_use_ray": (bool, "one process serves the model"),
-    "disable_log_requests": (bool, "requests are not logged one by one"),
     "enable_chunked_prefill": (bool, "chunked prefill is always on"),
     "use_v2_block_manager": (bool, "there is one block manager"),
     "guided_decoding_backend": (str, "structured output is not supported yet"),
+    "enable_log_requests": (bool, "requests are logged unless --disable-log-requests is given"),
+    "enable_auto_tool_choice": (bool, "tool calls are not parsed yet; the model's text is returned as content"),
+    "tool_call_parser": (str, "tool calls are not parsed yet; the model's text is returned as content"),
+    "trust_request_chat_template": (bool, "chat templates in requests are always accepted (rendered sandboxed)"),
+    "enable_prompt_tokens_details": (bool, "usage reports cached prompt tokens whenever there are some"),
+    "disable_frontend_multiprocessing": (bool, "the server and the engine share one process"),
+    "max_logprobs": (int, "up to 20 logprobs per token are returned"),
+    "max_parallel_loading_workers": (int, "weights load in one process"),
+    "num_scheduler_steps": (int, "the engine schedules every step"),
+    "chat_template_content_format": (str, "message content parts are joined into text"),
 }
+
+# Not options: what argparse adds for the subcommand itself.
+_NOT_OPTIONS = ("command", "func", "config", "model_positional")
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -36,18 +49,77 @@ def setup_logging(level: str = "INFO") -> None:
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """EngineConfig from `--config FILE` overlaid with the flags given; logs flags that do nothing here."""
+def gather_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options from `--config FILE` overlaid with the flags given (the command line wins)."""
     options: dict[str, Any] = {}
     if getattr(args, "config", None):
-        options.update(coerce_file_options(load_config_file(args.config), EngineConfig))
-    options.update(pick(vars(args), EngineConfig))
-    if getattr(args, "model_positional", None):
-        options["model"] = args.model_positional
+        from_file = load_config_file(args.config)
+        known = {*pick(from_file, EngineConfig), *pick(from_file, ServerConfig), *ACCEPTED_FLAGS}
+        for name in sorted(set(from_file) - known):
+            logger.warning("config file %s: unknown option %r ignored", args.config, name)
+        options.update(coerce_file_options(from_file, EngineConfig))
+        options.update(coerce_file_options(from_file, ServerConfig))
+        options.update({name: value for name, value in from_file.items() if name in ACCEPTED_FLAGS})
+    options.update({name: value for name, value in vars(args).items() if name not in _NOT_OPTIONS})
+    positional = getattr(args, "model_positional", None)
+    if positional:
+        if "model" in vars(args) and args.model != positional:
+            raise ValueError(f"the model is given twice, as {positional!r} and as --model {args.model!r}")
+        options["model"] = positional
+    return options
+
+
+def engine_config_from_options(options: dict[str, Any]) -> EngineConfig:
+    """EngineConfig from gathered options; logs once for each option that cannot apply here."""
+    config = EngineConfig(**pick(options, EngineConfig))
     for name, (_kind, reason) in ACCEPTED_FLAGS.items():
-        if name in vars(args):
+        if name in options:
             logger.info("--%s has no effect here: %s", name.replace("_", "-"), reason)
-    return EngineConfig(**options)
+    for line in _inapplicable_engine_options(options, config):
+        logger.info("%s", line)
+    return config
+
+
+def server_config_from_options(options: dict[str, Any], environ: Mapping[str, str] = os.environ) -> ServerConfig:
+    values = pick(options, ServerConfig)
+    if not values.get("api_key"):
+        key = environ.get("PAGEDSERVE_API_KEY") or environ.get("VLLM_API_KEY")
+        if key:
+            values["api_key"] = (key,)
+    return ServerConfig(**values)
+
+
+def serve_configs(argv: list[str], environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
+    """The configs `pagedserve serve ...` would run with (`argv` without the program name)."""
+    args = build_parser().parse_args(argv)
+    options = gather_options(args)
+    return engine_config_from_options(options), server_config_from_options(options, environ)
+
+
+def _inapplicable_engine_options(options: dict[str, Any], config: EngineConfig) -> list[str]:
+    """One line per engine option the user set that this engine or device cannot honour."""
+    lines = []
+    if config.tensor_parallel_size > 1:
+        lines.append(f"--tensor-parallel-size {config.tensor_parallel_size}: the model runs in 1 process; "
+                     "tensor parallelism is not supported yet")
+    if config.pipeline_parallel_size > 1:
+        lines.append(f"--pipeline-parallel-size {config.pipeline_parallel_size}: the model runs in 1 process; "
+                     "pipeline parallelism is not supported yet")
+    if config.quantization is not None:
+        lines.append(f"--quantization {config.quantization} has no effect here: weights are used as they are "
+                     "stored (a GGUF file carries its own quantization)")
+    if "gpu_memory_utilization" in options and _runs_on_cpu(config):
+        lines.append("--gpu-memory-utilization applies to CUDA only; on CPU the KV cache takes --kv-cache-space "
+                     "GiB (default: 30% of free memory, at most 1 GiB)")
+    return lines
+
+
+def _runs_on_cpu(config: EngineConfig) -> bool:
+    if config.device != "auto":
+        return config.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +132,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from pagedserve.engine.llm_engine import LLM
 
-    config = engine_config_from_args(args)
+    config = engine_config_from_options(gather_options(args))
     llm = LLM(**vars(config))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.sample_seed, n=args.n)
@@ -76,9 +148,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    options = gather_options(args)
+    engine_config = engine_config_from_options(options)
+    server_config = server_config_from_options(options)
+    from pagedserve.server.runner import run_server
+
+    return run_server(server_config, engine_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="Serve and run LLMs with a paged KV cache.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model_positional", nargs="?", metavar="MODEL",
+                       help="alias, Hugging Face folder or repo id, or .gguf file (same as --model)")
+    add_engine_flags(serve)
+    add_dataclass_flags(serve.add_argument_group("server"), ServerConfig)
+    serve.set_defaults(func=_serve)
 
     generate = commands.add_parser("generate", help="complete prompts offline and print the results")
     generate.add_argument("--prompt", "-p", action="append", required=True, help="prompt text (repeatable)")

@@ -64,15 +64,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         kind, is_list = _base_type(hints[item.name])
         help_text = item.metadata.get("help", "")
         kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
+        names = [*flag_names(item.name), *item.metadata.get("aliases", ())]
         if kind is bool:
-            parser.add_argument(*flag_names(item.name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if "choices" in item.metadata:
             kwargs["choices"] = item.metadata["choices"]
         if is_list:
             kwargs["nargs"] = "+"
             kwargs["action"] = "extend"
-        parser.add_argument(*flag_names(item.name), type=_parser_for(kind), **kwargs)
+        parser.add_argument(*names, type=_parser_for(kind), **kwargs)
 
 
 def add_accepted_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,

@@ -1,0 +1,171 @@
+"""Prometheus metrics under vLLM's names (so its dashboards work), and the periodic throughput log line.
+
+`EngineMetrics.on_step` is the AsyncEngine's step hook: it runs on the engine thread after every
+step and about once a second when idle, reads the engine's counters, and turns their growth into
+Prometheus counters. Each app owns its registry, so several servers can live in one process.
+No torch here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger(__name__)
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The engine's lifetime counters at one moment, to turn into per-interval growth."""
+
+    time: float
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, log_interval: float | None = 10.0) -> None:
+        """`log_interval`: seconds between throughput log lines while busy; None: never log."""
+        self.registry = CollectorRegistry()
+        self._model_name = model_name
+        self._log_interval = log_interval
+        self._last = _Snapshot(time.monotonic())
+        self._last_logged = self._last
+        self._define()
+
+    def _define(self) -> None:
+        labels = ["model_name"]
+        registry = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, labels, registry=registry).labels(self._model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, labels, registry=registry).labels(self._model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(self._model_name)
+
+        self.num_running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.num_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+        self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc", "KV cache usage (older name).")
+        self.num_free_blocks = gauge("pagedserve:kv_cache_free_blocks", "KV cache blocks not held by a request.")
+        self.num_blocks = gauge("pagedserve:kv_cache_total_blocks", "KV cache blocks in all.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens computed (prefix cache hits excluded).")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("vllm:num_preemptions", "Sequences preempted to free KV cache.")
+        self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                                       ["model_name", "finished_reason"], registry=registry)
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", _ITL_BUCKETS)
+        self.tpot = histogram("vllm:time_per_output_token_seconds", "Time per output token (older name).",
+                              _ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", _E2E_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.",
+                                                   _TOKEN_BUCKETS)
+
+    # ---- the engine hook --------------------------------------------------------------------------
+
+    def on_step(self, engine: Any, outputs: Iterable[Any]) -> None:
+        """AsyncEngine's `on_step(engine, outputs)`; on the engine thread."""
+        stats = engine.stats()
+        self.record_load(stats, engine.block_manager.num_free_blocks, engine.block_manager.num_blocks)
+        for output in outputs:
+            if output.finished:
+                self.record_finished(output)
+        self.maybe_log(stats)
+
+    def record_load(self, stats: Any, num_free_blocks: int, num_blocks: int) -> None:
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.gpu_cache_usage.set(stats.kv_cache_usage)
+        self.num_free_blocks.set(num_free_blocks)
+        self.num_blocks.set(num_blocks)
+        now = _snapshot(stats)
+        last, self._last = self._last, now
+        self.prompt_tokens.inc(max(now.num_prompt_tokens - last.num_prompt_tokens, 0))
+        self.generation_tokens.inc(max(now.num_generation_tokens - last.num_generation_tokens, 0))
+        self.prefix_queries.inc(max(now.num_prefix_cache_queries - last.num_prefix_cache_queries, 0))
+        self.prefix_hits.inc(max(now.num_prefix_cache_hits - last.num_prefix_cache_hits, 0))
+        self.preemptions.inc(max(now.num_preemptions - last.num_preemptions, 0))
+
+    def record_finished(self, output: Any) -> None:
+        """Latencies and counts of a finished request (a final `RequestOutput`)."""
+        first = output.outputs[0]
+        self.request_success.labels(self._model_name, first.finish_reason or "stop").inc()
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(sum(c.num_output_tokens for c in output.outputs))
+        metrics = output.metrics
+        if metrics is None or metrics.first_token_time is None:
+            return
+        self.ttft.observe(max(metrics.first_token_time - metrics.arrival_time, 0.0))
+        finished = metrics.finished_time or metrics.last_token_time or metrics.first_token_time
+        self.e2e.observe(max(finished - metrics.arrival_time, 0.0))
+        if metrics.first_scheduled_time is not None:
+            self.queue_time.observe(max(metrics.first_scheduled_time - metrics.arrival_time, 0.0))
+        num_gaps = first.num_output_tokens - 1
+        if num_gaps > 0 and metrics.last_token_time is not None:
+            # NOTE: the engine keeps first and last token times only, so each gap is the mean gap;
+            # the histograms' sums and counts are exact, their spread is not.
+            mean_gap = max(metrics.last_token_time - metrics.first_token_time, 0.0) / num_gaps
+            for _ in range(num_gaps):
+                self.itl.observe(mean_gap)
+                self.tpot.observe(mean_gap)
+
+    def record_aborted(self) -> None:
+        """A request the server aborted (client gone, shutdown); the engine reports nothing for it."""
+        self.request_success.labels(self._model_name, "abort").inc()
+
+    # ---- the periodic log line --------------------------------------------------------------------
+
+    def maybe_log(self, stats: Any) -> None:
+        if self._log_interval is None:
+            return
+        now = self._last
+        since = self._last_logged
+        elapsed = now.time - since.time
+        if elapsed < self._log_interval:
+            return
+        self._last_logged = now
+        is_busy = stats.num_running or stats.num_waiting or now.num_generation_tokens != since.num_generation_tokens \
+            or now.num_prompt_tokens != since.num_prompt_tokens
+        if is_busy:
+            logger.info("%s", stats_line(since, now, stats))
+
+
+def stats_line(since: _Snapshot, now: _Snapshot, stats: Any) -> str:
+    """vLLM's periodic line: throughput over the interval, load now, prefix cache hit rate so far."""
+    elapsed = max(now.time - since.time, 1e-9)
+    prompt_rate = (now.num_prompt_tokens - since.num_prompt_tokens) / elapsed
+    generation_rate = (now.num_generation_tokens - since.num_generation_tokens) / elapsed
+    queries = now.num_prefix_cache_queries
+    hit_rate = now.num_prefix_cache_hits / queries if queries else 0.0
+    return (f"Avg prompt throughput: {prompt_rate:.1f} tokens/s, Avg generation throughput: {generation_rate:.1f} "
+            f"tokens/s, Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+            f"KV cache usage: {stats.kv_cache_usage * 100:.1f}%, Prefix cache hit rate: {hit_rate * 100:.1f}%")
+
+
+def _snapshot(stats: Any) -> _Snapshot:
+    return _Snapshot(time.monotonic(), stats.num_prompt_tokens, stats.num_generation_tokens,
+                     stats.num_prefix_cache_queries, stats.num_prefix_cache_hits, stats.num_preemptions)

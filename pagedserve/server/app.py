@@ -1,0 +1,63 @@
+"""The FastAPI app: open routes (/health, /version, /metrics), the OpenAI routes, CORS, errors, and
+the lifespan that loads the engine in the background and stops it at shutdown."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from pagedserve import __version__
+from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.server import openai
+from pagedserve.server.errors import error_body, install_error_handlers
+from pagedserve.server.state import ServerState
+
+open_router = APIRouter()
+
+
+@open_router.get("/health")
+async def health(request: Request) -> Response:
+    """200 once the model is loaded and the engine runs; 503 while loading or shutting down; 500 if broken."""
+    status, reason = openai.server_state(request).health()
+    if status == HTTPStatus.OK:
+        return Response(status_code=HTTPStatus.OK)
+    return JSONResponse(error_body(reason, status), status_code=status)
+
+
+@open_router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": __version__})
+
+
+@open_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = openai.server_state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(server_config: ServerConfig, engine_config: EngineConfig,
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app for one model. `on_fatal(error)` is called (on the event loop) if the model fails to load."""
+    state = ServerState(server_config, engine_config, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        await state.close()
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
+                       allow_credentials=server_config.allow_credentials,
+                       allow_methods=list(server_config.allowed_methods),
+                       allow_headers=list(server_config.allowed_headers))
+    app.include_router(open_router)
+    app.include_router(openai.router)
+    return app

@@ -1,0 +1,76 @@
+"""Running the app under uvicorn until SIGINT/SIGTERM, and exiting 0 after a clean shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import FrameType
+
+import uvicorn
+
+from pagedserve import __version__
+from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.server.app import create_app
+from pagedserve.server.state import ServerState
+
+logger = logging.getLogger("pagedserve.server")
+
+# Beyond shutdown_timeout, how long uvicorn waits for connections before cancelling them.
+_SHUTDOWN_MARGIN_SECONDS = 5.0
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            logger.info("%s", _startup_line(self._state, self._bound_port()))
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: replaces uvicorn's, which re-raises the signal once shut down, so a clean SIGTERM
+        # shutdown would still end the process by the signal (exit code 143) instead of 0.
+        if self.should_exit:
+            self.force_exit = True
+            return
+        self.should_exit = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._state.begin_drain)
+
+    def stop(self, _error: BaseException) -> None:
+        self.should_exit = True
+
+    def _bound_port(self) -> int:
+        for server in self.servers:
+            for sock in server.sockets:
+                return sock.getsockname()[1]
+        return self.config.port
+
+
+def run_server(server_config: ServerConfig, engine_config: EngineConfig) -> int:
+    """Serve until told to stop; 0 after a clean shutdown, 1 if the model failed to load."""
+    holder: list[_Server] = []
+    app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error))
+    config = uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_config=None,
+        log_level=server_config.uvicorn_log_level, access_log=not server_config.disable_uvicorn_access_log,
+        ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        timeout_graceful_shutdown=int(server_config.shutdown_timeout + _SHUTDOWN_MARGIN_SECONDS))
+    server = _Server(config, app.state.server)
+    holder.append(server)
+    server.run()
+    return 1 if app.state.server.load_error is not None else 0
+
+
+def _startup_line(state: ServerState, port: int) -> str:
+    config = state.server_config
+    scheme = "https" if config.ssl_certfile else "http"
+    names = ", ".join(repr(name) for name in state.served_model_names)
+    access = "API key required" if config.api_key else "no API key"
+    return (f"pagedserve {__version__} listening on {scheme}://{config.host}:{port}, serving "
+            f"{state.engine_config.model} as {names} ({access}); the model loads in the background and "
+            f"GET /health answers 200 once it is ready")
