@@ -83,7 +83,3 @@ def _load() -> bool:
         logger.warning("could not build the CPU kernels (%s); using plain torch ops (slower)", error)
         return False
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(0 if cpu_kernels_available() else 1)

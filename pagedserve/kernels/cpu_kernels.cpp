@@ -3,6 +3,8 @@
 // qlinear:          y = x @ dequant(W)^T (+ bias), W kept as int8 codes with a float scale and offset
 //                   per group of 16 or 32 weights: w = scale * q + offset. Every GGUF block format we
 //                   load (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) is exactly this after unpacking.
+//                   Few rows stream the packed weights (decode is memory-bound); many rows
+//                   dequantize cache-sized chunks and use torch's GEMM (prefill is compute-bound).
 // paged_attention:  one query token per sequence, reading K/V in place through the block table.
 // add_rms_norm, rms_norm, rotary_inplace, silu_and_mul, gelu_and_mul: fused elementwise work that
 //                   would otherwise cost several torch ops (and Python dispatches) each.
@@ -12,6 +14,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -42,134 +47,159 @@ inline __m256 load_codes8(const int8_t* q) {
   __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
+
+// Horizontal sums of 8 vectors at once: lane i of the result is the sum of v[i].
+inline __m256 hsum8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// exp(x) to ~1 ulp of float (Cephes' polynomial); inputs below -87 give 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  const __m256 too_small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(too_small, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+}
 #endif
+
+// out[i] = exp(in[i] - shift); returns the sum of out.
+inline float exp_shifted(const float* in, float* out, int64_t count, float shift) {
+  float total = 0.f;
+  int64_t i = 0;
+#ifdef PS_AVX2
+  const __m256 sv = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= count; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(in + i), sv));
+    _mm256_storeu_ps(out + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < count; ++i) total += (out[i] = std::exp(in[i] - shift));
+  return total;
+}
 
 // ---- qlinear ------------------------------------------------------------------------------------
 
 // Few rows (decode): stream each weight row once, dequantize in registers, dot with every x row.
+// Two accumulators per x row keep two FMA chains in flight.
+template <int G, int R>
+void qlinear_rows_tile(const float* x, int64_t K, const int8_t* q, const float* scale, const float* offset,
+                       const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = K / G;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* qrow = q + n * K;
+    const float* srow = scale + n * groups;
+    const float* orow = offset ? offset + n * groups : nullptr;
+    float result[R];
+#ifdef PS_AVX2
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 s = _mm256_set1_ps(srow[g]);
+      const __m256 o = _mm256_set1_ps(orow ? orow[g] : 0.f);
+      const int8_t* qg = qrow + g * G;
+      const float* xg = x + g * G;
+#pragma GCC unroll 4
+      for (int j = 0; j < G / 8; ++j) {
+        const __m256 w = _mm256_fmadd_ps(load_codes8(qg + 8 * j), s, o);
+        for (int r = 0; r < R; ++r)
+          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * K + 8 * j), w, acc[r][j & 1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) result[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k)
+        sum += x[r * K + k] * (srow[k / G] * qrow[k] + (orow ? orow[k / G] : 0.f));
+      result[r] = sum;
+    }
+#endif
+    for (int r = 0; r < R; ++r) y[r * N + n] = result[r] + (bias ? bias[n] : 0.f);
+  }
+}
+
 template <int G>
 void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const int8_t* q, const float* scale,
                   const float* offset, const float* bias, float* y, int64_t N) {
-  constexpr int kMaxRows = 4;
-  const int64_t groups = K / G;
   at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
-    for (int64_t m0 = 0; m0 < num_rows; m0 += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, num_rows - m0));
-      for (int64_t n = n_begin; n < n_end; ++n) {
-        const int8_t* qrow = q + n * K;
-        const float* srow = scale + n * groups;
-        const float* orow = offset ? offset + n * groups : nullptr;
-        float result[kMaxRows];
-#ifdef PS_AVX2
-        __m256 acc[kMaxRows];
-        for (int r = 0; r < kMaxRows; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const __m256 s = _mm256_set1_ps(srow[g]);
-          const __m256 o = _mm256_set1_ps(orow ? orow[g] : 0.f);
-          for (int j = 0; j < G; j += 8) {
-            const int64_t k = g * G + j;
-            const __m256 w = _mm256_fmadd_ps(load_codes8(qrow + k), s, o);
-            for (int r = 0; r < rows; ++r)
-              acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (m0 + r) * K + k), w, acc[r]);
-          }
-        }
-        for (int r = 0; r < rows; ++r) result[r] = hsum(acc[r]);
-#else
-        for (int r = 0; r < rows; ++r) {
-          float sum = 0.f;
-          for (int64_t k = 0; k < K; ++k)
-            sum += x[(m0 + r) * K + k] * (srow[k / G] * qrow[k] + (orow ? orow[k / G] : 0.f));
-          result[r] = sum;
-        }
-#endif
-        for (int r = 0; r < rows; ++r) y[(m0 + r) * N + n] = result[r] + (bias ? bias[n] : 0.f);
+    for (int64_t m = 0; m < num_rows; m += 4) {
+      const float* xm = x + m * K;
+      float* ym = y + m * N;
+      switch (std::min<int64_t>(4, num_rows - m)) {
+        case 4: qlinear_rows_tile<G, 4>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 3: qlinear_rows_tile<G, 3>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 2: qlinear_rows_tile<G, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        default: qlinear_rows_tile<G, 1>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
       }
     }
   });
 }
 
-// Many rows (prefill, big decode batches): dequantize a panel of 16 weight rows into a [K, 16]
-// float buffer once, then run a 6x16 register-blocked kernel over all x rows against it.
-constexpr int kPanel = 16;
-constexpr int kRowTile = 6;
-
+// Many rows (prefill, big decode batches): dequantize the weights a chunk of output rows at a time
+// into a float buffer small enough to stay in cache, and let torch's GEMM (MKL) multiply. The
+// dequantization costs a few operations per weight; the GEMM does 2 * num_rows per weight.
 template <int G>
-void dequant_panel(const int8_t* q, const float* scale, const float* offset, int64_t K, int64_t n0, int64_t N,
-                   float* panel) {
+void dequant_rows(const int8_t* q, const float* scale, const float* offset, int64_t K, int64_t n_begin,
+                  int64_t n_end, float* out) {
   const int64_t groups = K / G;
-  for (int c = 0; c < kPanel; ++c) {
-    const int64_t n = n0 + c;
-    if (n >= N) {
-      for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = 0.f;
-      continue;
-    }
-    const int8_t* qrow = q + n * K;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = scale[n * groups + g];
-      const float o = offset ? offset[n * groups + g] : 0.f;
-      for (int j = 0; j < G; ++j) panel[(g * G + j) * kPanel + c] = std::fma(static_cast<float>(qrow[g * G + j]), s, o);
-    }
-  }
-}
-
-template <int R>
-void panel_kernel(const float* x, int64_t K, const float* panel, float* y, int64_t N, int64_t n0, int cols,
-                  const float* bias) {
+  at::parallel_for(n_begin, n_end, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* qrow = q + n * K;
+      float* out_row = out + (n - n_begin) * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scale[n * groups + g];
+        const float o = offset ? offset[n * groups + g] : 0.f;
 #ifdef PS_AVX2
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel);
-    const __m256 w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
-      acc0[r] = _mm256_fmadd_ps(xv, w0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(xv, w1, acc1[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float out[kPanel];
-    _mm256_store_ps(out, acc0[r]);
-    _mm256_store_ps(out + 8, acc1[r]);
-    for (int c = 0; c < cols; ++c) y[r * N + n0 + c] = out[c] + (bias ? bias[n0 + c] : 0.f);
-  }
+        const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(o);
+        for (int j = 0; j < G; j += 8)
+          _mm256_storeu_ps(out_row + g * G + j, _mm256_fmadd_ps(load_codes8(qrow + g * G + j), sv, ov));
 #else
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < cols; ++c) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += x[r * K + k] * panel[k * kPanel + c];
-      y[r * N + n0 + c] = sum + (bias ? bias[n0 + c] : 0.f);
-    }
+        for (int j = 0; j < G; ++j) out_row[g * G + j] = s * qrow[g * G + j] + o;
 #endif
-}
-
-template <int G>
-void qlinear_panels(const float* x, int64_t num_rows, int64_t K, const int8_t* q, const float* scale,
-                    const float* offset, const float* bias, float* y, int64_t N) {
-  const int64_t num_panels = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, num_panels, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<float> panel(static_cast<size_t>(K) * kPanel);
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t n0 = p * kPanel;
-      const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
-      dequant_panel<G>(q, scale, offset, K, n0, N, panel.data());
-      int64_t m = 0;
-      for (; m + kRowTile <= num_rows; m += kRowTile)
-        panel_kernel<kRowTile>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias);
-      switch (num_rows - m) {
-        case 5: panel_kernel<5>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias); break;
-        case 4: panel_kernel<4>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias); break;
-        case 3: panel_kernel<3>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias); break;
-        case 2: panel_kernel<2>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias); break;
-        case 1: panel_kernel<1>(x + m * K, K, panel.data(), y + m * N, N, n0, cols, bias); break;
-        default: break;
       }
     }
   });
 }
 
-// Rows at or below this use the streaming path; above it the panel path amortises dequantization.
-constexpr int64_t kStreamingMaxRows = 4;
+constexpr int64_t kChunkBytes = 1 << 21;
+
+template <int G>
+void qlinear_chunks(const at::Tensor& x2d, const int8_t* q, const float* scale, const float* offset,
+                    const float* bias, at::Tensor& y2d) {
+  const int64_t K = x2d.size(1), N = y2d.size(1);
+  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (K * static_cast<int64_t>(sizeof(float))));
+  at::Tensor buffer = at::empty({std::min(chunk, N), K}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n1 = std::min(N, n0 + chunk);
+    at::Tensor w = buffer.narrow(0, 0, n1 - n0);
+    dequant_rows<G>(q, scale, offset, K, n0, n1, w.data_ptr<float>());
+    at::Tensor out = y2d.narrow(1, n0, n1 - n0);   // [num_rows, chunk], rows strided by N: GEMM's ldc
+    if (bias) {
+      at::addmm_out(out, at::from_blob(const_cast<float*>(bias) + n0, {n1 - n0}, x2d.options()), x2d, w.t());
+    } else {
+      at::mm_out(out, x2d, w.t());
+    }
+  }
+}
+
+// Rows at or below this use the streaming path; above it dequantize-and-GEMM wins.
+constexpr int64_t kStreamingMaxRows = 16;
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
@@ -182,22 +212,49 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int64_t num_rows = x.numel() / K;
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
   const float* offset_ptr = offset && offset->defined() ? offset->data_ptr<float>() : nullptr;
   const float* bias_ptr = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  auto run = [&](auto fn) {
-    fn(x.data_ptr<float>(), num_rows, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr,
-       y.data_ptr<float>(), N);
-  };
   if (num_rows <= kStreamingMaxRows) {
+    at::Tensor y = at::empty(out_shape, x.options());
+    auto run = [&](auto fn) {
+      fn(x.data_ptr<float>(), num_rows, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr,
+         y.data_ptr<float>(), N);
+    };
     group_size == 32 ? run(qlinear_rows<32>) : run(qlinear_rows<16>);
-  } else {
-    group_size == 32 ? run(qlinear_panels<32>) : run(qlinear_panels<16>);
+    return y;
   }
-  return y;
+  const at::Tensor x2d = x.reshape({num_rows, K});
+  at::Tensor y2d = at::empty({num_rows, N}, x.options());
+  if (group_size == 32) {
+    qlinear_chunks<32>(x2d, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr, y2d);
+  } else {
+    qlinear_chunks<16>(x2d, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr, y2d);
+  }
+  return y2d.view(out_shape);
 }
 
 // ---- attention ----------------------------------------------------------------------------------
+
+// Dot products of one query head with 8 consecutive cached keys (rows `stride` floats apart).
+inline void dot8(const float* q, const float* keys, int64_t stride, int64_t head_dim, float* out) {
+#ifdef PS_AVX2
+  if (head_dim % 8 == 0) {
+    __m256 acc[8];
+    for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int p = 0; p < 8; ++p) acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + p * stride + d), acc[p]);
+    }
+    _mm256_storeu_ps(out, hsum8(acc));
+    return;
+  }
+#endif
+  for (int p = 0; p < 8; ++p) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < head_dim; ++d) sum += q[d] * keys[p * stride + d];
+    out[p] = sum;
+  }
+}
 
 // out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b] over the sequence's first context_lens[b] tokens
 // (the last `window` of them when window > 0), K/V read through block_tables[b].
@@ -220,63 +277,59 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(group * head_dim);
+    std::vector<float> acc(head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t len = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t count = len - first;
-      scores.assign(static_cast<size_t>(group * count), 0.f);
+      scores.resize(static_cast<size_t>(group * (count + 8)));
       const float* qg = q + (b * num_heads + kvh * group) * head_dim;
-      for (int64_t t = 0; t < count; ++t) {
+      auto key_row = [&](const float* cache, int64_t pos) {
+        return cache + tables[b * max_blocks + pos / block_size] * block_stride + (pos % block_size) * token_stride +
+               kvh * head_dim;
+      };
+      // Scores, 8 positions at a time while they stay inside one block (rows are then evenly spaced).
+      int64_t t = 0;
+      while (t < count) {
         const int64_t pos = first + t;
-        const float* krow = kc + tables[b * max_blocks + pos / block_size] * block_stride +
-                            (pos % block_size) * token_stride + kvh * head_dim;
+        if ((pos % block_size) + 8 <= block_size && t + 8 <= count) {
+          const float* keys = key_row(kc, pos);
+          for (int64_t g = 0; g < group; ++g) dot8(qg + g * head_dim, keys, token_stride, head_dim, &scores[g * count + t]);
+          t += 8;
+          continue;
+        }
+        const float* krow = key_row(kc, pos);
         for (int64_t g = 0; g < group; ++g) {
           const float* qh = qg + g * head_dim;
           float dot = 0.f;
-#ifdef PS_AVX2
-          __m256 s = _mm256_setzero_ps();
-          int64_t d = 0;
-          for (; d + 8 <= head_dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow + d), s);
-          dot = hsum(s);
-          for (; d < head_dim; ++d) dot += qh[d] * krow[d];
-#else
           for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * krow[d];
-#endif
-          dot *= fscale;
-          if (fcap > 0.f) dot = std::tanh(dot / fcap) * fcap;
           scores[g * count + t] = dot;
         }
+        ++t;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < group; ++g) {
         float* row = scores.data() + g * count;
+        for (int64_t i = 0; i < count; ++i) {
+          row[i] *= fscale;
+          if (fcap > 0.f) row[i] = std::tanh(row[i] / fcap) * fcap;
+        }
         const float peak = *std::max_element(row, row + count);
-        float total = 0.f;
-        for (int64_t t = 0; t < count; ++t) total += (row[t] = std::exp(row[t] - peak));
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < count; ++t) row[t] *= inv;
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t pos = first + t;
-        const float* vrow = vc + tables[b * max_blocks + pos / block_size] * block_stride +
-                            (pos % block_size) * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * count + t];
-          float* a = acc.data() + g * head_dim;
+        const float inv = 1.f / exp_shifted(row, row, count, peak);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t i = 0; i < count; ++i) {
+          const float p = row[i] * inv;
+          const float* vrow = key_row(vc, first + i);
+          int64_t d = 0;
 #ifdef PS_AVX2
           const __m256 pv = _mm256_set1_ps(p);
-          int64_t d = 0;
           for (; d + 8 <= head_dim; d += 8)
-            _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(a + d)));
-          for (; d < head_dim; ++d) a[d] += p * vrow[d];
-#else
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vrow[d];
+            _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(&acc[d])));
 #endif
+          for (; d < head_dim; ++d) acc[d] += p * vrow[d];
         }
+        std::copy(acc.begin(), acc.end(), o + (b * num_heads + kvh * group + g) * head_dim);
       }
-      std::copy(acc.begin(), acc.end(), o + (b * num_heads + kvh * group) * head_dim);
     }
   });
 }
@@ -356,7 +409,24 @@ at::Tensor gated_act(const at::Tensor& x) {
       const float* gate = xp + r * 2 * width;
       const float* up = gate + width;
       float* o = op + r * width;
-      for (int64_t i = 0; i < width; ++i) {
+      int64_t i = 0;
+#ifdef PS_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= width; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 a;
+        if (kGelu) {   // 0.5 g (1 + tanh(u)) = g - g / (exp(2u) + 1), u = sqrt(2/pi) (g + 0.044715 g^3)
+          const __m256 u = _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f),
+                                         _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g),
+                                                         _mm256_mul_ps(g, g), g));
+          a = _mm256_sub_ps(g, _mm256_div_ps(g, _mm256_add_ps(exp8(u), one)));
+        } else {       // g / (1 + exp(-g))
+          a = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        }
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(a, _mm256_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < width; ++i) {
         const float g = gate[i];
         float a;
         if (kGelu) {

@@ -13,7 +13,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         # NOTE: Gemma stores `weight - 1` and scales by `1 + weight`; the offset folds that in at load.
         self.weight_offset = weight_offset
-        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        # NOTE: float32 whatever the activation dtype: Gemma's 1 + w must not be rounded to bfloat16.
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32), requires_grad=False)
         self.weight.weight_loader = self._load_weight
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
