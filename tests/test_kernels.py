@@ -47,23 +47,41 @@ def test_packing_reproduces_gguf_dequantization_exactly(ggml_type):
     assert np.array_equal(packed.dequantize().numpy(), expected)
 
 
-def make_packed(rows: int, cols: int, group: int, asymmetric: bool, seed: int = 0) -> PackedWeight:
+def make_packed(rows: int, cols: int, group: int, asymmetric: bool, bits: int = 8, seed: int = 0) -> PackedWeight:
     gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-32, 32, (rows, cols), dtype=torch.int8, generator=gen)
+    if bits == 4:
+        codes = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+    else:
+        codes = torch.randint(-32, 32, (rows, cols), dtype=torch.int8, generator=gen)
     scales = torch.rand(rows, cols // group, generator=gen) * 0.05
     offsets = torch.randn(rows, cols // group, generator=gen) * 0.05 if asymmetric else None
-    return PackedWeight(codes, scales, offsets, group)
+    return PackedWeight(codes, scales, offsets, group, bits)
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 6, 13, 40])
-@pytest.mark.parametrize("group,asymmetric", [(32, True), (32, False), (16, False), (16, True)])
-def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric):
-    packed = make_packed(70, 96, group, asymmetric)        # 70 outputs: not a multiple of the 16-wide panel
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 6, 13, 17, 40])
+@pytest.mark.parametrize("group,asymmetric,bits", [(32, True, 8), (32, False, 8), (16, False, 8), (16, True, 8),
+                                                  (32, True, 4), (32, False, 4)])
+def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
+    packed = make_packed(70, 96, group, asymmetric, bits)   # 70 outputs: not a multiple of any tile
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
     expected = x @ packed.dequantize().t() + bias
     got = ops.packed_linear(x, packed, bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qlinear_with_many_weight_chunks():
+    packed = make_packed(600, 2048, 32, True, 4)             # several cache-sized chunks on the GEMM path
+    x = torch.randn(24, 2048)
+    torch.testing.assert_close(ops.packed_linear(x, packed, None), x @ packed.dequantize().t(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_four_bit_codes_regroup_and_unpack_exactly():
+    packed = make_packed(8, 64, 32, True, 4)
+    assert packed.shape == (8, 64)
+    assert torch.equal(packed.to_int8().dequantize(), packed.dequantize())
+    assert torch.equal(packed.regroup(16).dequantize(), packed.dequantize())
 
 
 def reference_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap):

@@ -45,6 +45,8 @@ class ModelRunner:
         self.dtype = platform.dtype
         ops.enable_cpu_kernels(platform.use_cpu_kernels)
         self.model = _build_model(model_config, platform, weights)
+        if platform.use_cpu_kernels and hasattr(self.model, "enable_fused_decode"):
+            self.model.enable_fused_decode()
         self.sampler = Sampler(self.device, seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.block_size = 0

@@ -95,57 +95,107 @@ inline float exp_shifted(const float* in, float* out, int64_t count, float shift
 
 // ---- qlinear ------------------------------------------------------------------------------------
 
-// Few rows (decode): stream each weight row once, dequantize in registers, dot with every x row.
-// Two accumulators per x row keep two FMA chains in flight.
-template <int G, int R>
-void qlinear_rows_tile(const float* x, int64_t K, const int8_t* q, const float* scale, const float* offset,
-                       const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
-  const int64_t groups = K / G;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* qrow = q + n * K;
-    const float* srow = scale + n * groups;
-    const float* orow = offset ? offset + n * groups : nullptr;
-    float result[R];
+// Codes come as int8 (one per byte) or as 4-bit (32-weight groups of 16 bytes: byte j holds weight j
+// in its low nibble and weight j + 16 in its high nibble, GGUF's own Q4 layout; values 0..15).
+template <int BITS>
+inline float code_at(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+  const int64_t group = k / 32, j = k % 32;
+  const uint8_t byte = row[group * 16 + (j & 15)];
+  return static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4));
+}
+
 #ifdef PS_AVX2
-    __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+// One group of G codes -> G / 8 float vectors.
+template <int G, int BITS>
+inline void decode_group(const uint8_t* q, __m256* out) {
+  if (BITS == 8) {
+    for (int j = 0; j < G / 8; ++j) out[j] = load_codes8(reinterpret_cast<const int8_t*>(q) + 8 * j);
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+#endif
+
+#ifdef PS_AVX2
+// Codes 8j..8j+7 of a group.
+template <int BITS>
+inline __m256 decode8(const uint8_t* group, int j) {
+  if (BITS == 8) return load_codes8(reinterpret_cast<const int8_t*>(group) + 8 * j);
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 8 * (j & 1)));
+  if (j >= 2) bytes = _mm_srli_epi16(bytes, 4);
+  bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+#endif
+
+// Few rows (decode): stream each weight row once, dequantize in registers, dot with every x row.
+// R rows of x against NB weight rows at a time, so R * NB (at least 4) FMA chains are in flight.
+template <int G, int BITS, int R, int NB>
+void qlinear_rows_tile(const float* x, int64_t K, const uint8_t* q, const float* scale, const float* offset,
+                       const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = K / G, row_bytes = K * BITS / 8, group_bytes = G * BITS / 8;
+  int64_t n = n_begin;
+#ifdef PS_AVX2
+  for (; n + NB <= n_end; n += NB) {
+    __m256 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const __m256 s = _mm256_set1_ps(srow[g]);
-      const __m256 o = _mm256_set1_ps(orow ? orow[g] : 0.f);
-      const int8_t* qg = qrow + g * G;
-      const float* xg = x + g * G;
+      __m256 s[NB], o[NB];
+      const uint8_t* qg[NB];
+      for (int b = 0; b < NB; ++b) {
+        s[b] = _mm256_set1_ps(scale[(n + b) * groups + g]);
+        o[b] = _mm256_set1_ps(offset ? offset[(n + b) * groups + g] : 0.f);
+        qg[b] = q + (n + b) * row_bytes + g * group_bytes;
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < G / 8; ++j) {
-        const __m256 w = _mm256_fmadd_ps(load_codes8(qg + 8 * j), s, o);
-        for (int r = 0; r < R; ++r)
-          acc[r][j & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * K + 8 * j), w, acc[r][j & 1]);
+        __m256 xv[R];
+        for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * K + g * G + 8 * j);
+        for (int b = 0; b < NB; ++b) {
+          const __m256 w = _mm256_fmadd_ps(decode8<BITS>(qg[b], j), s[b], o[b]);
+          for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(xv[r], w, acc[r][b]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) result[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-#else
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) y[r * N + n + b] = hsum(acc[r][b]) + (bias ? bias[n + b] : 0.f);
+  }
+#endif
+  for (; n < n_end; ++n) {   // leftover rows (and the portable path)
+    const uint8_t* qrow = q + n * row_bytes;
     for (int r = 0; r < R; ++r) {
       float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k)
-        sum += x[r * K + k] * (srow[k / G] * qrow[k] + (orow ? orow[k / G] : 0.f));
-      result[r] = sum;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = n * groups + k / G;
+        sum += x[r * K + k] * (scale[g] * code_at<BITS>(qrow, k) + (offset ? offset[g] : 0.f));
+      }
+      y[r * N + n] = sum + (bias ? bias[n] : 0.f);
     }
-#endif
-    for (int r = 0; r < R; ++r) y[r * N + n] = result[r] + (bias ? bias[n] : 0.f);
   }
 }
 
-template <int G>
-void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const int8_t* q, const float* scale,
+template <int G, int BITS>
+void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const uint8_t* q, const float* scale,
                   const float* offset, const float* bias, float* y, int64_t N) {
+  // NOTE: chunks of whole 4-row tiles, so no chunk ends in a scalar leftover row unless N does.
   at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t m = 0; m < num_rows; m += 4) {
       const float* xm = x + m * K;
       float* ym = y + m * N;
       switch (std::min<int64_t>(4, num_rows - m)) {
-        case 4: qlinear_rows_tile<G, 4>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        case 3: qlinear_rows_tile<G, 3>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        case 2: qlinear_rows_tile<G, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        default: qlinear_rows_tile<G, 1>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 4: qlinear_rows_tile<G, BITS, 4, 1>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 3: qlinear_rows_tile<G, BITS, 3, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 2: qlinear_rows_tile<G, BITS, 2, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        default: qlinear_rows_tile<G, BITS, 1, 4>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
       }
     }
   });
@@ -154,23 +204,24 @@ void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const int8_t* q, 
 // Many rows (prefill, big decode batches): dequantize the weights a chunk of output rows at a time
 // into a float buffer small enough to stay in cache, and let torch's GEMM (MKL) multiply. The
 // dequantization costs a few operations per weight; the GEMM does 2 * num_rows per weight.
-template <int G>
-void dequant_rows(const int8_t* q, const float* scale, const float* offset, int64_t K, int64_t n_begin,
+template <int G, int BITS>
+void dequant_rows(const uint8_t* q, const float* scale, const float* offset, int64_t K, int64_t n_begin,
                   int64_t n_end, float* out) {
-  const int64_t groups = K / G;
+  const int64_t groups = K / G, row_bytes = K * BITS / 8, group_bytes = G * BITS / 8;
   at::parallel_for(n_begin, n_end, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* qrow = q + n * K;
+      const uint8_t* qrow = q + n * row_bytes;
       float* out_row = out + (n - n_begin) * K;
       for (int64_t g = 0; g < groups; ++g) {
         const float s = scale[n * groups + g];
         const float o = offset ? offset[n * groups + g] : 0.f;
 #ifdef PS_AVX2
         const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(o);
-        for (int j = 0; j < G; j += 8)
-          _mm256_storeu_ps(out_row + g * G + j, _mm256_fmadd_ps(load_codes8(qrow + g * G + j), sv, ov));
+        __m256 codes[G / 8];
+        decode_group<G, BITS>(qrow + g * group_bytes, codes);
+        for (int j = 0; j < G / 8; ++j) _mm256_storeu_ps(out_row + g * G + 8 * j, _mm256_fmadd_ps(codes[j], sv, ov));
 #else
-        for (int j = 0; j < G; ++j) out_row[g * G + j] = s * qrow[g * G + j] + o;
+        for (int j = 0; j < G; ++j) out_row[g * G + j] = s * code_at<BITS>(qrow, g * G + j) + o;
 #endif
       }
     }
@@ -179,8 +230,8 @@ void dequant_rows(const int8_t* q, const float* scale, const float* offset, int6
 
 constexpr int64_t kChunkBytes = 1 << 21;
 
-template <int G>
-void qlinear_chunks(const at::Tensor& x2d, const int8_t* q, const float* scale, const float* offset,
+template <int G, int BITS>
+void qlinear_chunks(const at::Tensor& x2d, const uint8_t* q, const float* scale, const float* offset,
                     const float* bias, at::Tensor& y2d) {
   const int64_t K = x2d.size(1), N = y2d.size(1);
   const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (K * static_cast<int64_t>(sizeof(float))));
@@ -188,7 +239,7 @@ void qlinear_chunks(const at::Tensor& x2d, const int8_t* q, const float* scale, 
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n1 = std::min(N, n0 + chunk);
     at::Tensor w = buffer.narrow(0, 0, n1 - n0);
-    dequant_rows<G>(q, scale, offset, K, n0, n1, w.data_ptr<float>());
+    dequant_rows<G, BITS>(q, scale, offset, K, n0, n1, w.data_ptr<float>());
     at::Tensor out = y2d.narrow(1, n0, n1 - n0);   // [num_rows, chunk], rows strided by N: GEMM's ldc
     if (bias) {
       at::addmm_out(out, at::from_blob(const_cast<float*>(bias) + n0, {n1 - n0}, x2d.options()), x2d, w.t());
@@ -201,36 +252,37 @@ void qlinear_chunks(const at::Tensor& x2d, const int8_t* q, const float* scale, 
 // Rows at or below this use the streaming path; above it dequantize-and-GEMM wins.
 constexpr int64_t kStreamingMaxRows = 16;
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                   const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
-                   int64_t group_size) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "qlinear: x must be contiguous float32");
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2, "qlinear: q must be int8 [N, K]");
-  TORCH_CHECK(group_size == 16 || group_size == 32, "qlinear: group size must be 16 or 32");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(x.size(-1) == K && K % group_size == 0, "qlinear: shape mismatch");
-  const int64_t num_rows = x.numel() / K;
+template <int G, int BITS>
+at::Tensor qlinear_impl(const at::Tensor& x, const uint8_t* q, const float* scale, const float* offset,
+                        const float* bias, int64_t N) {
+  const int64_t K = x.size(-1), num_rows = x.numel() / K;
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
-  const float* offset_ptr = offset && offset->defined() ? offset->data_ptr<float>() : nullptr;
-  const float* bias_ptr = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty(out_shape, x.options());
   if (num_rows <= kStreamingMaxRows) {
-    at::Tensor y = at::empty(out_shape, x.options());
-    auto run = [&](auto fn) {
-      fn(x.data_ptr<float>(), num_rows, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr,
-         y.data_ptr<float>(), N);
-    };
-    group_size == 32 ? run(qlinear_rows<32>) : run(qlinear_rows<16>);
-    return y;
-  }
-  const at::Tensor x2d = x.reshape({num_rows, K});
-  at::Tensor y2d = at::empty({num_rows, N}, x.options());
-  if (group_size == 32) {
-    qlinear_chunks<32>(x2d, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr, y2d);
+    qlinear_rows<G, BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, y.data_ptr<float>(), N);
   } else {
-    qlinear_chunks<16>(x2d, q.data_ptr<int8_t>(), scale.data_ptr<float>(), offset_ptr, bias_ptr, y2d);
+    at::Tensor y2d = y.view({num_rows, N});
+    qlinear_chunks<G, BITS>(x.reshape({num_rows, K}), q, scale, offset, bias, y2d);
   }
-  return y2d.view(out_shape);
+  return y;
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                   int64_t group_size, int64_t bits) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "qlinear: x must be contiguous float32");
+  TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.element_size() == 1, "qlinear: codes [N, bytes]");
+  TORCH_CHECK((bits == 8 && (group_size == 16 || group_size == 32)) || (bits == 4 && group_size == 32),
+              "qlinear: 8-bit codes in groups of 16 or 32, or 4-bit codes in groups of 32");
+  const int64_t N = codes.size(0), K = x.size(-1);
+  TORCH_CHECK(codes.size(1) * 8 == K * bits && K % group_size == 0, "qlinear: shape mismatch");
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const float* s = scale.data_ptr<float>();
+  const float* o = offset && offset->defined() ? offset->data_ptr<float>() : nullptr;
+  const float* b = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  if (bits == 4) return qlinear_impl<32, 4>(x, q, s, o, b, N);
+  return group_size == 32 ? qlinear_impl<32, 8>(x, q, s, o, b, N) : qlinear_impl<16, 8>(x, q, s, o, b, N);
 }
 
 // ---- attention ----------------------------------------------------------------------------------
@@ -445,16 +497,73 @@ at::Tensor gated_act(const at::Tensor& x) {
 at::Tensor silu_and_mul(const at::Tensor& x) { return gated_act<false>(x); }
 at::Tensor gelu_and_mul(const at::Tensor& x) { return gated_act<true>(x); }
 
+// ---- one fused decoder layer --------------------------------------------------------------------
+
+// One Llama-family decoder layer for a batch of decode tokens (one query per sequence), float32
+// activations and packed weights: everything a Python layer would do in ~20 torch calls, in one.
+//   weights: input_norm, post_norm, then (codes, scales, offsets?, bias?) for qkv, o, gate_up and
+//            down, then q_norm?, k_norm? (Qwen3); ints: (group, bits) of the four projections, then
+//            num_heads, num_kv_heads, head_dim, window (0: none); floats: eps, attention scale.
+// `residual` is updated in place (on the first layer it is filled with `hidden`); returns the
+// layer's MLP output, to be added to the residual by the next layer's input norm.
+at::Tensor llama_decode_layer(at::Tensor& hidden, at::Tensor& residual, bool first_layer,
+                              const c10::List<c10::optional<at::Tensor>>& weights, at::IntArrayRef ints,
+                              at::ArrayRef<double> floats, const at::Tensor& cos, const at::Tensor& sin,
+                              at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                              const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  auto w = [&](int i) -> c10::optional<at::Tensor> { return weights.get(i); };
+  auto linear = [&](const at::Tensor& x, int first, int meta) {
+    return qlinear(x, *w(first), *w(first + 1), w(first + 2), w(first + 3), ints[meta], ints[meta + 1]);
+  };
+  const int64_t num_heads = ints[8], num_kv_heads = ints[9], head_dim = ints[10], window = ints[11];
+  const double eps = floats[0], scale = floats[1];
+  const int64_t batch = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+
+  at::Tensor x = hidden;
+  if (first_layer) {
+    residual.copy_(hidden);
+    x = rms_norm(hidden, *w(0), eps);
+  } else {
+    add_rms_norm(x, residual, *w(0), eps);
+  }
+  at::Tensor qkv = linear(x, 2, 0);                                       // [batch, q + 2 kv]
+  at::Tensor q = qkv.narrow(1, 0, q_size), k = qkv.narrow(1, q_size, kv_size);
+  if (w(18).has_value()) {                                                // Qwen3: per-head q/k norms
+    q = rms_norm(q.contiguous().view({-1, head_dim}), *w(18), eps).view({batch, q_size});
+    k = rms_norm(k.contiguous().view({-1, head_dim}), *w(19), eps).view({batch, kv_size});
+  }
+  rotary_inplace(q, cos, sin, head_dim);
+  rotary_inplace(k, cos, sin, head_dim);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = qkv.data_ptr<float>() + q_size + kv_size;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    std::copy(kp + b * k.stride(0), kp + b * k.stride(0) + kv_size, kc + slots[b] * kv_size);
+    std::copy(vp + b * qkv.stride(0), vp + b * qkv.stride(0) + kv_size, vc + slots[b] * kv_size);
+  }
+  at::Tensor attn = at::empty({batch, num_heads, head_dim}, hidden.options());
+  paged_attention(attn, q.contiguous().view({batch, num_heads, head_dim}), k_cache, v_cache, block_tables,
+                  context_lens, scale, window, 0.0);
+  at::Tensor out = linear(attn.view({batch, q_size}), 6, 2);
+  add_rms_norm(out, residual, *w(1), eps);
+  return linear(silu_and_mul(linear(out, 10, 4)), 14, 6);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pagedserve, m) {
-  m.def("qlinear(Tensor x, Tensor q, Tensor scale, Tensor? offset, Tensor? bias, int group_size) -> Tensor");
+  m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor? offset, Tensor? bias, int group_size, int bits) -> Tensor");
   m.def("paged_attention(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window, float softcap) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int head_dim) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("llama_decode_layer(Tensor(a!) hidden, Tensor(b!) residual, bool first_layer, Tensor?[] weights, int[] ints, "
+        "float[] floats, Tensor cos, Tensor sin, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor context_lens) -> Tensor");
   m.def("gelu_and_mul(Tensor x) -> Tensor");
 }
 
@@ -465,5 +574,6 @@ TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary_inplace", &rotary_inplace);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("llama_decode_layer", &llama_decode_layer);
   m.impl("gelu_and_mul", &gelu_and_mul);
 }

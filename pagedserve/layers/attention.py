@@ -42,6 +42,10 @@ class AttentionMetadata:
     # Masks depend only on the step and the window, so layers with the same window share them.
     _masks: dict = field(default_factory=dict)
 
+    @property
+    def is_decode_only(self) -> bool:
+        return not self.prefills
+
     def decode_mask(self, max_len: int, window: int | None) -> torch.Tensor:
         """[num_decodes, 1, 1, max_len] True where a key is visible."""
         key = ("decode", window)

@@ -63,11 +63,14 @@ class PackableWeight(nn.Module):
         if self.packed is None:
             groups = self.in_features // loaded.group_size
             self.packed = PackedWeight(
-                codes=torch.empty(self.out_features, self.in_features, dtype=torch.int8),
+                codes=torch.empty(self.out_features, self.in_features * loaded.bits // 8, dtype=loaded.codes.dtype),
                 scales=torch.zeros(self.out_features, groups),
                 offsets=None if loaded.offsets is None else torch.zeros(self.out_features, groups),
-                group_size=loaded.group_size)
-        # Shards may differ in group size (e.g. Q5_0 q/k beside Q6_K v): keep the finer grouping.
+                group_size=loaded.group_size, bits=loaded.bits)
+        # Shards may differ (e.g. Q4_K q/k beside Q6_K v): keep the finer grouping, and 8-bit codes
+        # unless every shard is 4-bit.
+        if loaded.bits != self.packed.bits:
+            self.packed, loaded = self.packed.to_int8(), loaded.to_int8()
         if loaded.group_size < self.packed.group_size:
             self.packed = self.packed.regroup(loaded.group_size)
         loaded = loaded.regroup(self.packed.group_size)

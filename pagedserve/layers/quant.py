@@ -1,10 +1,12 @@
-"""Group-quantized weights kept packed: int8 codes plus a float scale (and offset) per group.
+"""Group-quantized weights kept packed: integer codes plus a float scale (and offset) per group.
 
-w[n, k] = scales[n, k // group_size] * codes[n, k] + offsets[n, k // group_size]
+w[n, k] = scales[n, k // group_size] * code[n, k] + offsets[n, k // group_size]
 
-Every GGUF block format the loader repacks (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K) is exactly this,
-so the packed weights compute the same function as the dequantized ones while moving 3-4x fewer
-bytes per token through memory.
+Codes are int8, one per byte (`bits=8`, groups of 16 or 32), or 4-bit values 0..15 two per byte
+(`bits=4`, groups of 32 in GGUF's Q4 layout: byte j of a group holds weight j in its low nibble and
+weight j + 16 in its high nibble). Every GGUF block format the loader repacks (Q4_0/1, Q5_0/1, Q8_0,
+Q4_K, Q5_K, Q6_K) is exactly this, so packed weights compute the same function as dequantized ones
+while moving 3-6x fewer bytes per token through memory.
 """
 from __future__ import annotations
 
@@ -15,23 +17,37 @@ import torch
 
 @dataclass(frozen=True)
 class PackedWeight:
-    codes: torch.Tensor              # [out_features, in_features] int8
+    codes: torch.Tensor              # int8 [out, in] (bits=8) or uint8 [out, in // 2] (bits=4)
     scales: torch.Tensor             # [out_features, in_features // group_size] float32
     offsets: torch.Tensor | None     # same shape as scales; None for symmetric formats
     group_size: int
+    bits: int = 8
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        rows, width = self.codes.shape
+        return torch.Size((rows, width * 8 // self.bits))
+
+    def int_codes(self) -> torch.Tensor:
+        """The codes one per element: int8 [out_features, in_features]."""
+        if self.bits == 8:
+            return self.codes
+        rows, width = self.codes.shape
+        grouped = self.codes.view(rows, width // 16, 16)                 # [rows, groups, 16 bytes]
+        low, high = grouped & 0x0F, grouped >> 4
+        return torch.cat((low, high), dim=-1).view(rows, width * 2).to(torch.int8)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out_features, in_features]."""
-        rows, cols = self.codes.shape
-        grouped = self.codes.view(rows, cols // self.group_size, self.group_size).float()
+        rows, cols = self.shape
+        grouped = self.int_codes().view(rows, cols // self.group_size, self.group_size).float()
         values = grouped * self.scales[..., None]
         if self.offsets is not None:
             values = values + self.offsets[..., None]
         return values.view(rows, cols)
+
+    def to_int8(self) -> PackedWeight:
+        return self if self.bits == 8 else PackedWeight(self.int_codes(), self.scales, self.offsets, self.group_size)
 
     def regroup(self, group_size: int) -> PackedWeight:
         """The same weights described with smaller groups (each scale repeated); exact."""
@@ -41,9 +57,10 @@ class PackedWeight:
             raise ValueError(f"cannot regroup {self.group_size}-weight groups into groups of {group_size}")
         repeat = self.group_size // group_size
         offsets = None if self.offsets is None else self.offsets.repeat_interleave(repeat, dim=1)
-        return PackedWeight(self.codes, self.scales.repeat_interleave(repeat, dim=1), offsets, group_size)
+        base = self.to_int8()
+        return PackedWeight(base.codes, self.scales.repeat_interleave(repeat, dim=1), offsets, group_size)
 
     def rows(self, index: torch.Tensor) -> PackedWeight:
         """The weights of the given output rows (e.g. to undo a row permutation)."""
         offsets = None if self.offsets is None else self.offsets[index]
-        return PackedWeight(self.codes[index], self.scales[index], offsets, self.group_size)
+        return PackedWeight(self.codes[index], self.scales[index], offsets, self.group_size, self.bits)

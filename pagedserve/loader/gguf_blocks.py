@@ -14,8 +14,9 @@ from gguf.quants import Q4_K
 
 from pagedserve.layers.quant import PackedWeight
 
-# (codes [num_blocks, block_elems] int8, scales [num_blocks, groups], offsets or None, group size)
-_Unpacked = tuple[np.ndarray, np.ndarray, np.ndarray | None, int]
+# (codes, scales [num_blocks, groups], offsets or None, group size, bits): codes are int8
+# [num_blocks, block_elems] for 8 bits, or [num_blocks, block_elems // 2] bytes of nibbles for 4 bits.
+_Unpacked = tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]
 
 
 def _half(raw: np.ndarray) -> np.ndarray:
@@ -27,16 +28,24 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """[n, 32 * k] values 0..15 -> [n, 16 * k] bytes in the Q4 layout (weight j low, j + 16 high)."""
+    groups = values.reshape(values.shape[0], -1, 2, 16).astype(np.uint8)
+    return (groups[:, :, 0, :] | (groups[:, :, 1, :] << 4)).reshape(values.shape[0], -1)
+
+
 def _q8_0(blocks: np.ndarray) -> _Unpacked:
-    return blocks[:, 2:].view(np.int8), _half(blocks[:, :2]), None, 32
+    return blocks[:, 2:].view(np.int8), _half(blocks[:, :2]), None, 32, 8
 
 
 def _q4_0(blocks: np.ndarray) -> _Unpacked:
-    return _nibbles(blocks[:, 2:]).astype(np.int8) - 8, _half(blocks[:, :2]), None, 32
+    # d * (q - 8) == d * q + (-8 d) exactly: the nibbles stay as stored, the -8 moves into the offset.
+    scales = _half(blocks[:, :2])
+    return blocks[:, 2:], scales, -8.0 * scales, 32, 4
 
 
 def _q4_1(blocks: np.ndarray) -> _Unpacked:
-    return _nibbles(blocks[:, 4:]).astype(np.int8), _half(blocks[:, :2]), _half(blocks[:, 2:4]), 32
+    return blocks[:, 4:], _half(blocks[:, :2]), _half(blocks[:, 2:4]), 32, 4
 
 
 def _high_bits(qh: np.ndarray) -> np.ndarray:
@@ -47,12 +56,12 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
 
 def _q5_0(blocks: np.ndarray) -> _Unpacked:
     codes = (_nibbles(blocks[:, 6:]) | _high_bits(blocks[:, 2:6])).astype(np.int8) - 16
-    return codes, _half(blocks[:, :2]), None, 32
+    return codes, _half(blocks[:, :2]), None, 32, 8
 
 
 def _q5_1(blocks: np.ndarray) -> _Unpacked:
     codes = (_nibbles(blocks[:, 8:]) | _high_bits(blocks[:, 4:8])).astype(np.int8)
-    return codes, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 32
+    return codes, _half(blocks[:, :2]), _half(blocks[:, 2:4]), 32, 8
 
 
 def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,14 +79,14 @@ def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _q4_k(blocks: np.ndarray) -> _Unpacked:
     scales, offsets = _k_scales(blocks)
-    return _k_low_nibbles(blocks[:, 16:144]).astype(np.int8), scales, offsets, 32
+    return _pack_nibbles(_k_low_nibbles(blocks[:, 16:144])), scales, offsets, 32, 4
 
 
 def _q5_k(blocks: np.ndarray) -> _Unpacked:
     scales, offsets = _k_scales(blocks)
     qh = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
     codes = _k_low_nibbles(blocks[:, 48:176]) | ((qh & 1) << 4).reshape(-1, 256)
-    return codes.astype(np.int8), scales, offsets, 32
+    return codes.astype(np.int8), scales, offsets, 32, 8
 
 
 def _q6_k(blocks: np.ndarray) -> _Unpacked:
@@ -85,7 +94,7 @@ def _q6_k(blocks: np.ndarray) -> _Unpacked:
     qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
     codes = ((ql & 0x0F).reshape(-1, 256) | ((qh & 0x03).reshape(-1, 256) << 4)).astype(np.int8) - 32
     scales = _half(blocks[:, 208:210]) * blocks[:, 192:208].view(np.int8).astype(np.float32)
-    return codes, scales, None, 16
+    return codes, scales, None, 16, 8
 
 
 _UNPACKERS: dict[GGMLQuantizationType, Callable[[np.ndarray], _Unpacked]] = {
@@ -109,12 +118,13 @@ def pack_blocks(rows: np.ndarray, ggml_type: GGMLQuantizationType, row_length: i
     _, block_bytes = GGML_QUANT_SIZES[ggml_type]
     num_rows = rows.shape[0]
     blocks = np.ascontiguousarray(rows).reshape(-1, block_bytes)
-    codes, scales, offsets, group_size = _UNPACKERS[ggml_type](blocks)
+    codes, scales, offsets, group_size, bits = _UNPACKERS[ggml_type](blocks)
     groups_per_row = row_length // group_size
     return PackedWeight(
-        codes=torch.from_numpy(np.ascontiguousarray(codes).reshape(num_rows, row_length)),
+        codes=torch.from_numpy(np.ascontiguousarray(codes).reshape(num_rows, row_length * bits // 8)),
         scales=torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(num_rows, groups_per_row)),
         offsets=None if offsets is None else torch.from_numpy(
             np.ascontiguousarray(offsets, dtype=np.float32).reshape(num_rows, groups_per_row)),
         group_size=group_size,
+        bits=bits,
     )

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from pagedserve.config import ModelConfig
-from pagedserve.layers.activation import gated_activation
-from pagedserve.layers.attention import Attention
+from pagedserve.layers import ops
+from pagedserve.layers.activation import SiluAndMul, gated_activation
+from pagedserve.layers.attention import Attention, get_forward_context
 from pagedserve.layers.linear import Linear, VocabEmbedding
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
@@ -60,9 +61,12 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
+        self.fused_decode: ops.FusedDecodeLayer | None = None   # set by the runner once weights are loaded
 
     def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_decode is not None and get_forward_context().is_decode_only:
+            return self.fused_decode(cos_sin, hidden_states, residual, self.self_attn.attn)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -91,6 +95,18 @@ class LlamaModel(nn.Module):
         return hidden_states
 
 
+def fused_decode_layer(layer: LlamaDecoderLayer) -> ops.FusedDecodeLayer | None:
+    """The layer as one C++ call for decode-only steps, when its weights and activation allow it."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if not isinstance(mlp.act, SiluAndMul) or any(p.packed is None for p in projections):
+        return None
+    q_norm = attn.q_norm.weight if attn.qk_norm else None
+    k_norm = attn.k_norm.weight if attn.qk_norm else None
+    return ops.FusedDecodeLayer(layer.input_layernorm, layer.post_attention_layernorm, projections,
+                                q_norm, k_norm, attn.num_heads, attn.num_kv_heads, attn.head_dim)
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint module name -> (our fused module, shard)
     packed_modules = {
@@ -109,6 +125,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
+
+    def enable_fused_decode(self) -> None:
+        for layer in self.model.layers:
+            layer.fused_decode = fused_decode_layer(layer)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size] float32 logits."""
