@@ -103,10 +103,11 @@ def reference_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap):
     return out
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 96])
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
-def test_paged_decode_attention_matches_reference(window, softcap):
+def test_paged_decode_attention_matches_reference(window, softcap, head_dim):
     torch.manual_seed(0)
-    num_blocks, block_size, num_kv, head_dim, num_heads = 20, 4, 2, 16, 6
+    num_blocks, block_size, num_kv, num_heads = 20, 4, 2, 6
     k_cache = torch.randn(num_blocks, block_size, num_kv, head_dim)
     v_cache = torch.randn(num_blocks, block_size, num_kv, head_dim)
     lens = torch.tensor([1, 7, 12, 3])

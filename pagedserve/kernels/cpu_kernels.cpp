@@ -309,7 +309,8 @@ inline void dot8(const float* q, const float* keys, int64_t stride, int64_t head
 }
 
 // out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b] over the sequence's first context_lens[b] tokens
-// (the last `window` of them when window > 0), K/V read through block_tables[b].
+// (the last `window` of them when window > 0), K/V read through block_tables[b]. Keys and values are
+// walked block by block (no division per token), each row read once for all heads of its group.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
                      double softcap) {
@@ -329,37 +330,41 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(head_dim);
+    std::vector<float> acc;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t len = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t count = len - first;
-      scores.resize(static_cast<size_t>(group * (count + 8)));
+      scores.resize(static_cast<size_t>(group * count));
+      acc.assign(static_cast<size_t>(group * head_dim), 0.f);
       const float* qg = q + (b * num_heads + kvh * group) * head_dim;
-      auto key_row = [&](const float* cache, int64_t pos) {
-        return cache + tables[b * max_blocks + pos / block_size] * block_stride + (pos % block_size) * token_stride +
-               kvh * head_dim;
+      const int64_t* table = tables + b * max_blocks;
+      // Visit [first, len) block by block: fn(rows of this block, first position's index t, row count).
+      auto for_each_run = [&](const float* cache, auto&& fn) {
+        int64_t pos = first;
+        while (pos < len) {
+          const int64_t in_block = pos % block_size;
+          const int64_t run = std::min(block_size - in_block, len - pos);
+          fn(cache + table[pos / block_size] * block_stride + in_block * token_stride + kvh * head_dim, pos - first,
+             run);
+          pos += run;
+        }
       };
-      // Scores, 8 positions at a time while they stay inside one block (rows are then evenly spaced).
-      int64_t t = 0;
-      while (t < count) {
-        const int64_t pos = first + t;
-        if ((pos % block_size) + 8 <= block_size && t + 8 <= count) {
-          const float* keys = key_row(kc, pos);
-          for (int64_t g = 0; g < group; ++g) dot8(qg + g * head_dim, keys, token_stride, head_dim, &scores[g * count + t]);
-          t += 8;
-          continue;
-        }
-        const float* krow = key_row(kc, pos);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qh = qg + g * head_dim;
-          float dot = 0.f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * krow[d];
-          scores[g * count + t] = dot;
-        }
-        ++t;
-      }
+      for_each_run(kc, [&](const float* rows, int64_t t0, int64_t run) {
+        int64_t i = 0;
+        for (; i + 8 <= run; i += 8)
+          for (int64_t g = 0; g < group; ++g)
+            dot8(qg + g * head_dim, rows + i * token_stride, token_stride, head_dim, &scores[g * count + t0 + i]);
+        for (; i < run; ++i)
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qh = qg + g * head_dim;
+            const float* krow = rows + i * token_stride;
+            float dot = 0.f;
+            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * krow[d];
+            scores[g * count + t0 + i] = dot;
+          }
+      });
       for (int64_t g = 0; g < group; ++g) {
         float* row = scores.data() + g * count;
         for (int64_t i = 0; i < count; ++i) {
@@ -368,20 +373,36 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
         }
         const float peak = *std::max_element(row, row + count);
         const float inv = 1.f / exp_shifted(row, row, count, peak);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t i = 0; i < count; ++i) {
-          const float p = row[i] * inv;
-          const float* vrow = key_row(vc, first + i);
-          int64_t d = 0;
-#ifdef PS_AVX2
-          const __m256 pv = _mm256_set1_ps(p);
-          for (; d + 8 <= head_dim; d += 8)
-            _mm256_storeu_ps(&acc[d], _mm256_fmadd_ps(pv, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(&acc[d])));
-#endif
-          for (; d < head_dim; ++d) acc[d] += p * vrow[d];
-        }
-        std::copy(acc.begin(), acc.end(), o + (b * num_heads + kvh * group + g) * head_dim);
+        for (int64_t i = 0; i < count; ++i) row[i] *= inv;
       }
+      // Weighted values, one head and 64 dims at a time so the accumulators stay in registers.
+      for (int64_t g = 0; g < group; ++g) {
+        const float* weights = scores.data() + g * count;
+        for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+          float* a = acc.data() + g * head_dim + d0;
+          const int64_t width = std::min<int64_t>(64, head_dim - d0);
+#ifdef PS_AVX2
+          if (width == 64) {
+            __m256 sum[8];
+            for (int j = 0; j < 8; ++j) sum[j] = _mm256_setzero_ps();
+            for_each_run(vc, [&](const float* rows, int64_t t0, int64_t run) {
+              for (int64_t i = 0; i < run; ++i) {
+                const __m256 p = _mm256_set1_ps(weights[t0 + i]);
+                const float* vrow = rows + i * token_stride + d0;
+                for (int j = 0; j < 8; ++j) sum[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vrow + 8 * j), sum[j]);
+              }
+            });
+            for (int j = 0; j < 8; ++j) _mm256_storeu_ps(a + 8 * j, sum[j]);
+            continue;
+          }
+#endif
+          for_each_run(vc, [&](const float* rows, int64_t t0, int64_t run) {
+            for (int64_t i = 0; i < run; ++i)
+              for (int64_t d = 0; d < width; ++d) a[d] += weights[t0 + i] * rows[i * token_stride + d0 + d];
+          });
+        }
+      }
+      std::copy(acc.begin(), acc.end(), o + (b * num_heads + kvh * group) * head_dim);
     }
   });
 }
