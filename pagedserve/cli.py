@@ -41,7 +41,7 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 # Not options: what argparse adds for the subcommand itself.
-_NOT_OPTIONS = ("command", "func", "config", "model_positional")
+_NOT_OPTIONS = ("command", "func", "config", "model_positional", "model_flags")
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -61,12 +61,26 @@ def gather_options(args: argparse.Namespace) -> dict[str, Any]:
         options.update(coerce_file_options(from_file, ServerConfig))
         options.update({name: value for name, value in from_file.items() if name in ACCEPTED_FLAGS})
     options.update({name: value for name, value in vars(args).items() if name not in _NOT_OPTIONS})
-    positional = getattr(args, "model_positional", None)
-    if positional:
-        if "model" in vars(args) and args.model != positional:
-            raise ValueError(f"the model is given twice, as {positional!r} and as --model {args.model!r}")
-        options["model"] = positional
+    positional = getattr(args, "model_positional", None) or []
+    flagged = getattr(args, "model_flags", None) or ([args.model] if "model" in vars(args) else [])
+    if isinstance(positional, str):
+        positional = [positional]
+    if positional and flagged and positional != flagged:
+        raise ValueError(f"the model is given twice, as {' '.join(positional)!r} and as --model "
+                         f"{' '.join(flagged)!r}")
+    names = positional or flagged
+    if names:
+        options["model"], options["models"] = names[0], names
     return options
+
+
+def serve_model_names(options: dict[str, Any]) -> list[str] | None:
+    """The models `serve` was told to serve; [] for only a models directory's, None for the default model."""
+    if "models" in options:
+        return options["models"]
+    if "model" in options:
+        return [options["model"]]
+    return [] if options.get("models_dir") else None
 
 
 def engine_config_from_options(options: dict[str, Any]) -> EngineConfig:
@@ -122,9 +136,9 @@ def _runs_on_cpu(config: EngineConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("engine")
-    add_dataclass_flags(group, EngineConfig)
+    add_dataclass_flags(group, EngineConfig, skip)
     add_accepted_flags(group, ACCEPTED_FLAGS)
     group.add_argument("--config", help="YAML or JSON file with any of these options")
 
@@ -154,17 +168,20 @@ def _serve(args: argparse.Namespace) -> int:
     server_config = server_config_from_options(options)
     from pagedserve.server.runner import run_server
 
-    return run_server(server_config, engine_config)
+    return run_server(server_config, engine_config, serve_model_names(options))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="Serve and run LLMs with a paged KV cache.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("model_positional", nargs="?", metavar="MODEL",
-                       help="alias, Hugging Face folder or repo id, or .gguf file (same as --model)")
-    add_engine_flags(serve)
+    serve = commands.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs")
+    serve.add_argument("model_positional", nargs="*", metavar="MODEL",
+                       help="alias, created model, Hugging Face folder or repo id, or .gguf file (same as --model); "
+                            "several are served side by side, each under its own name")
+    serve.add_argument("--model", action="append", dest="model_flags", metavar="MODEL", default=argparse.SUPPRESS,
+                       help="a model to serve (repeatable)")
+    add_engine_flags(serve, skip=("model",))
     add_dataclass_flags(serve.add_argument_group("server"), ServerConfig)
     serve.set_defaults(func=_serve)
 
@@ -179,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="send each prompt as a user chat message")
     add_engine_flags(generate)
     generate.set_defaults(func=_generate)
+
+    from pagedserve.cli_models import add_model_commands
+    from pagedserve.terminal_chat import add_chat_parser
+
+    add_chat_parser(commands, add_engine_flags)
+    add_model_commands(commands, add_engine_flags)
     return parser
 
 

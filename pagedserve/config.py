@@ -30,6 +30,9 @@ class EngineConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or repo id (default: the model's)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision to download"})
     download_dir: str | None = field(default=None, metadata={"help": "where hub downloads are cached"})
+    models_dir: str | None = field(
+        default=None, metadata={"help": "models made with `pagedserve create` (default: $PAGEDSERVE_MODELS or "
+                                        "~/.local/share/pagedserve/models); given to `serve`, serves them all"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": DTYPE_CHOICES})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
@@ -115,6 +118,13 @@ class ServerConfig:
     max_request_body_bytes: int = field(default=32 * 2**20, metadata={"help": "largest request body (e.g. 32M)"})
     shutdown_timeout: float = field(
         default=5.0, metadata={"help": "seconds in-flight requests get to finish after SIGTERM/SIGINT"})
+    lazy_load: bool = field(default=False, metadata={"help": "load each model on its first request, not at start-up"})
+    keep_alive: str | None = field(
+        default=None, metadata={"help": "unload a model idle this long, e.g. 5m, 1h, 0, -1 (never); default: never "
+                                        "for models loaded at start-up, 5m for those loaded on first use"})
+    enable_webui: bool = field(
+        default=True, metadata={"help": "serve the web chat at / to browsers; with --no-webui, GET / only answers "
+                                        "'Ollama is running', as it does for other clients", "aliases": ("--webui",)})
 
     def __post_init__(self) -> None:
         for name in ("served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"):
@@ -139,6 +149,10 @@ class ServerConfig:
             raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
+        if self.keep_alive is not None:
+            from pagedserve.duration import parse_duration
+
+            parse_duration(self.keep_alive)
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile too")
         if not self.response_role:

@@ -37,28 +37,21 @@ class _Snapshot:
     num_preemptions: int = 0
 
 
-class EngineMetrics:
-    def __init__(self, model_name: str, log_interval: float | None = 10.0) -> None:
-        """`log_interval`: seconds between throughput log lines while busy; None: never log."""
+class MetricFamilies:
+    """The metrics of one server, labelled by model: one registry however many models it serves."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._model_name = model_name
-        self._log_interval = log_interval
-        self._last = _Snapshot(time.monotonic())
-        self._last_logged = self._last
-        self._define()
+        registry, labels = self.registry, ["model_name"]
 
-    def _define(self) -> None:
-        labels = ["model_name"]
-        registry = self.registry
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
 
-        def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, labels, registry=registry).labels(self._model_name)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
 
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, labels, registry=registry).labels(self._model_name)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(self._model_name)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
         self.num_running = gauge("vllm:num_requests_running", "Requests in the running batch.")
         self.num_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
@@ -83,6 +76,32 @@ class EngineMetrics:
                                                _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.",
                                                    _TOKEN_BUCKETS)
+
+
+_LABELLED = ("num_running", "num_waiting", "kv_cache_usage", "gpu_cache_usage", "num_free_blocks", "num_blocks",
+             "prompt_tokens", "generation_tokens", "prefix_queries", "prefix_hits", "preemptions", "ttft", "itl",
+             "tpot", "e2e", "queue_time", "request_prompt_tokens", "request_generation_tokens")
+
+
+class EngineMetrics:
+    """One engine's view of the metrics: its model's label, and the engine counters seen last.
+
+    NOTE: make a new one for each engine (e.g. after a model reloads): the snapshot is per engine,
+    while the counters live on in the shared families, so they keep growing across reloads.
+    """
+
+    def __init__(self, model_name: str, log_interval: float | None = 10.0,
+                 families: MetricFamilies | None = None) -> None:
+        """`log_interval`: seconds between throughput log lines while busy; None: never log."""
+        self.families = families or MetricFamilies()
+        self.registry = self.families.registry
+        self._model_name = model_name
+        self._log_interval = log_interval
+        self._last = _Snapshot(time.monotonic())
+        self._last_logged = self._last
+        for name in _LABELLED:
+            setattr(self, name, getattr(self.families, name).labels(model_name))
+        self.request_success = self.families.request_success
 
     # ---- the engine hook --------------------------------------------------------------------------
 
@@ -132,6 +151,12 @@ class EngineMetrics:
             for _ in range(num_gaps):
                 self.itl.observe(mean_gap)
                 self.tpot.observe(mean_gap)
+
+    def record_unloaded(self) -> None:
+        """The engine is gone (its model unloaded): nothing runs, waits or holds KV blocks."""
+        for gauge in (self.num_running, self.num_waiting, self.kv_cache_usage, self.gpu_cache_usage,
+                      self.num_free_blocks, self.num_blocks):
+            gauge.set(0)
 
     def record_aborted(self) -> None:
         """A request the server aborted (client gone, shutdown); the engine reports nothing for it."""

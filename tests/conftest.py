@@ -119,3 +119,15 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), config, seed=1)
+
+
+@pytest.fixture(scope="session")
+def chat_server():
+    """SmolLM2 under two names, with an API key: shared by the web chat and terminal chat tests."""
+    from tests.chat_server import start_chat_server
+
+    process = start_chat_server()
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()

@@ -299,7 +299,12 @@ class LLM:
     """Offline generation: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        """`model`: also the name of a model made with `pagedserve create`, whose PARAMETERs become the
+        default sampling params and whose SYSTEM starts each chat."""
+        from pagedserve.model_store import resolve_named_model
+
+        config, self.model_defaults = resolve_named_model(EngineConfig(model=model, **engine_args))
+        self.engine = LLMEngine(config)
         self._next_id = 0
 
     def get_tokenizer(self):
@@ -310,6 +315,8 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.model_defaults.sampling_params()
         params_list = _params_per_prompt(sampling_params, len(prompts))
         request_ids = []
         for prompt, params in zip(prompts, params_list):
@@ -326,6 +333,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
+            conversation = self.model_defaults.chat_messages(conversation)
             text = render_chat_prompt(self.engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
                                       chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
             prompts.append(self.engine.tokenizer.encode(text, add_special_tokens=False))

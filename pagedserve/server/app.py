@@ -1,10 +1,10 @@
-"""The FastAPI app: open routes (/health, /version, /metrics), the OpenAI routes, CORS, errors, and
-the lifespan that loads the engine in the background and stops it at shutdown."""
+"""The FastAPI app: open routes (/health, /version, /metrics), the OpenAI and Ollama routes, CORS, errors,
+and the lifespan that loads the models in the background and stops their engines at shutdown."""
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.server import openai
+from pagedserve.server import ollama, openai, webui
 from pagedserve.server.errors import error_body, install_error_handlers
 from pagedserve.server.state import ServerState
 
@@ -22,7 +22,7 @@ open_router = APIRouter()
 
 @open_router.get("/health")
 async def health(request: Request) -> Response:
-    """200 once the model is loaded and the engine runs; 503 while loading or shutting down; 500 if broken."""
+    """200 once the models loaded at start-up are ready; 503 while loading or shutting down; 500 if broken."""
     status, reason = openai.server_state(request).health()
     if status == HTTPStatus.OK:
         return Response(status_code=HTTPStatus.OK)
@@ -36,14 +36,17 @@ async def version() -> JSONResponse:
 
 @open_router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    registry = openai.server_state(request).metrics.registry
+    registry = openai.server_state(request).families.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(server_config: ServerConfig, engine_config: EngineConfig,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """The app for one model. `on_fatal(error)` is called (on the event loop) if the model fails to load."""
-    state = ServerState(server_config, engine_config, on_fatal)
+               on_fatal: Callable[[BaseException], None] | None = None,
+               model_names: Sequence[str] | None = None) -> FastAPI:
+    """The app serving `model_names` (default: `engine_config.model`) with `engine_config`'s options, and
+    the models of `engine_config.models_dir` when it is given. `on_fatal(error)` is called (on the event
+    loop) if a model loaded at start-up fails to load."""
+    state = ServerState(server_config, engine_config, on_fatal, model_names)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -60,4 +63,7 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig,
                        allow_headers=list(server_config.allowed_headers))
     app.include_router(open_router)
     app.include_router(openai.router)
+    app.include_router(ollama.open_router)
+    app.include_router(ollama.router)
+    app.include_router(webui.build_router(server_config.enable_webui))
     return app

@@ -8,7 +8,6 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedserve.chat_template import render_chat_prompt
 from pagedserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import sse_error
@@ -16,8 +15,9 @@ from pagedserve.server.logprobs import chat_logprobs, prompt_logprobs
 from pagedserve.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatMessage, DeltaMessage, Usage, random_id)
 from pagedserve.server.reasoning import ReasoningParser, split_reasoning
+from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
-from pagedserve.server.streaming import DONE, EventStreamResponse, collect_final, json_response, sse
+from pagedserve.server.streaming import DONE, EventStreamResponse, collect_tracked, json_response, sse
 
 
 @dataclass
@@ -35,31 +35,26 @@ class _Chat:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Response:
-    async_engine = state.require_engine()
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState,
+                                 model: ServedModel) -> Response:
     body.check_supported()
-    tokenizer = state.engine.tokenizer
-    params = body.to_sampling_params(state.generation_defaults,
+    params = body.to_sampling_params(model.generation_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
-    state.check_params(params)
-    prompt = render_chat_prompt(
-        tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
+    model.check_params(params)
+    prompt, prompt_token_ids = model.chat_prompt(
+        body.messages, add_special_tokens=body.add_special_tokens, add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, chat_template=body.chat_template, tools=body.tools,
         chat_template_kwargs=body.chat_template_kwargs)
-    prompt_token_ids = tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
-    chat = _Chat(random_id("chatcmpl"), body.model or state.served_model_names[0], body, prompt,
+    chat = _Chat(random_id("chatcmpl"), body.model or model.name, body, prompt,
                  len(prompt_token_ids), state.server_config.response_role, state.server_config.reasoning_parser,
                  _echo_text(body, state.server_config.response_role))
     state.log_received(chat.request_id, prompt, params)
-    stream = await async_engine.add_request(prompt_token_ids, params, chat.request_id, add_special_tokens=False)
-    tracker = state.track([stream])
+    stream = await model.async_engine.add_request(prompt_token_ids, params, chat.request_id,
+                                                  add_special_tokens=False)
+    tracker = state.track(model, [stream])
     if body.stream:
         return EventStreamResponse(_stream_chat(chat, stream, state, tracker), on_close=tracker.close)
-    try:
-        finals = await collect_final([stream], request)
-        tracker.completed = finals is not None
-    finally:
-        tracker.close()
+    finals = await collect_tracked([stream], request, tracker)
     if finals is None:
         return Response(status_code=499)   # the client is gone; nobody reads this
     state.log_finished(chat.request_id, finals)

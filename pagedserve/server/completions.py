@@ -14,8 +14,9 @@ from pagedserve.server.errors import sse_error
 from pagedserve.server.logprobs import completion_logprobs, prompt_logprobs
 from pagedserve.server.protocol import (CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse,
                                         Usage, random_id)
+from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
-from pagedserve.server.streaming import DONE, EventStreamResponse, collect_final, json_response, merge_streams, sse
+from pagedserve.server.streaming import DONE, EventStreamResponse, collect_tracked, json_response, merge_streams, sse
 
 
 @dataclass
@@ -37,38 +38,34 @@ class _Completions:
         return completion_logprobs(token_ids, positions, self.body.logprobs, self.decode_one, text_offset)
 
 
-async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Response:
-    async_engine = state.require_engine()
+async def create_completion(body: CompletionRequest, request: Request, state: ServerState,
+                            model: ServedModel) -> Response:
     body.check_supported()
     prompts = body.prompts()
-    params = body.to_sampling_params(state.generation_defaults,
+    params = body.to_sampling_params(model.generation_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
-    state.check_params(params)
+    model.check_params(params)
     for prompt in prompts:
         if not isinstance(prompt, str):
-            state.check_token_ids(prompt, "prompt")
-    tokenizer = state.engine.tokenizer
+            model.check_token_ids(prompt, "prompt")
+    tokenizer = model.engine.tokenizer
     echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    run = _Completions(random_id("cmpl"), body.model or state.served_model_names[0], body, tokenizer, echo_texts)
+    run = _Completions(random_id("cmpl"), body.model or model.name, body, tokenizer, echo_texts)
     streams = []
     try:
         for index, prompt in enumerate(prompts):
             request_id = f"{run.request_id}-{index}"
             state.log_received(request_id, prompt, params)
-            streams.append(await async_engine.add_request(prompt, params, request_id,
-                                                          add_special_tokens=body.add_special_tokens))
+            streams.append(await model.async_engine.add_request(prompt, params, request_id,
+                                                                add_special_tokens=body.add_special_tokens))
     except BaseException:
         for stream in streams:
             stream.abort()
         raise
-    tracker = state.track(streams)
+    tracker = state.track(model, streams)
     if body.stream:
         return EventStreamResponse(_stream_completions(run, streams, state, tracker), on_close=tracker.close)
-    try:
-        finals = await collect_final(streams, request)
-        tracker.completed = finals is not None
-    finally:
-        tracker.close()
+    finals = await collect_tracked(streams, request, tracker)
     if finals is None:
         return Response(status_code=499)   # the client is gone; nobody reads this
     state.log_finished(run.request_id, finals)

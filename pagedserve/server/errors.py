@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, with vLLM's statuses and types.
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, with vLLM's statuses and types;
+under /api/ (the Ollama API), Ollama's `{"error": "message"}` with the same status.
 
 `type` is the HTTP status phrase as one word plus "Error" (BadRequestError, NotFoundError, ...) and
 `code` the status as an int, as vLLM sends them.
@@ -32,8 +33,14 @@ class APIError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.error_type)
 
-    def to_response(self) -> JSONResponse:
-        return JSONResponse(self.to_dict(), status_code=self.status)
+    def to_response(self, request: Request | None = None) -> JSONResponse:
+        """OpenAI's shape; Ollama's (`{"error": "message"}`) for a request to the Ollama API."""
+        body = {"error": self.message} if request is not None and is_ollama_path(request) else self.to_dict()
+        return JSONResponse(body, status_code=self.status)
+
+
+def is_ollama_path(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
 
 
 def error_type_for(status: int) -> str:
@@ -90,19 +97,19 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "; ".join(messages) or "invalid request", param
 
 
-async def _api_error(_request: Request, error: APIError) -> JSONResponse:
-    return error.to_response()
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return error.to_response(request)
 
 
-async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message, param = validation_message(list(error.errors()))
-    return APIError(message, HTTPStatus.BAD_REQUEST, param).to_response()
+    return APIError(message, HTTPStatus.BAD_REQUEST, param).to_response(request)
 
 
-async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code,
-                        headers=getattr(error, "headers", None))
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    body = {"error": str(error.detail)} if is_ollama_path(request) else error_body(str(error.detail), error.status_code)
+    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
-async def _known_error(_request: Request, error: Exception) -> JSONResponse:
-    return from_exception(error).to_response()
+async def _known_error(request: Request, error: Exception) -> JSONResponse:
+    return from_exception(error).to_response(request)

@@ -17,11 +17,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from pagedserve.chat_template import render_chat_prompt
 from pagedserve.server.chat import create_chat_completion
 from pagedserve.server.completions import create_completion
 from pagedserve.server.errors import APIError, validation_message
 from pagedserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -54,13 +54,16 @@ router = APIRouter(dependencies=[Depends(verify_api_key)])
 async def list_models(request: Request) -> JSONResponse:
     state = server_state(request)
     created = int(time.time())
+    for model in state.served_models:
+        if model.max_model_len is None:
+            await model.describe()   # not loaded yet: its context length from the checkpoint's header
     cards = [{"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
-              "root": state.engine_config.model, "parent": None, "max_model_len": state.max_model_len,
+              "root": model.requested, "parent": None, "max_model_len": model.max_model_len,
               "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
                               "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                               "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                               "organization": "*", "group": None, "is_blocking": False}]}
-             for name in state.served_model_names]
+             for model in state.served_models for name in model.names]
     return JSONResponse({"object": "list", "data": cards})
 
 
@@ -68,39 +71,40 @@ async def list_models(request: Request) -> JSONResponse:
 async def chat_completions(request: Request) -> Response:
     state = server_state(request)
     body = await read_body(request, ChatCompletionRequest)
-    check_model(state, body.model)
-    return await create_chat_completion(body, request, state)
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: create_chat_completion(body, request, state, model))
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     state = server_state(request)
     body = await read_body(request, CompletionRequest)
-    check_model(state, body.model)
-    return await create_completion(body, request, state)
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: create_completion(body, request, state, model))
 
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     state = server_state(request)
     body = await read_body(request, TokenizeRequest)
-    check_model(state, body.model)
-    state.require_engine()
-    tokenizer = state.engine.tokenizer
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: _tokenize(body, model))
+
+
+async def _tokenize(body: TokenizeRequest, model: ServedModel) -> JSONResponse:
+    tokenizer = model.engine.tokenizer
     if body.messages is not None:
-        text = render_chat_prompt(tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message,
-                                  chat_template=body.chat_template, tools=body.tools,
-                                  chat_template_kwargs=body.chat_template_kwargs)
-        add_special_tokens = bool(body.add_special_tokens)   # the template already has BOS
+        # the template already has BOS, so special tokens are only added when asked for
+        _, token_ids = model.chat_prompt(
+            body.messages, add_special_tokens=bool(body.add_special_tokens),
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            chat_template=body.chat_template, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs)
     elif body.prompt is not None:
-        text = body.prompt
-        add_special_tokens = body.add_special_tokens is not False
+        token_ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
         raise APIError("give either 'prompt' or 'messages'", param="prompt")
-    token_ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
-    return JSONResponse({"count": len(token_ids), "max_model_len": state.max_model_len, "tokens": token_ids,
+    return JSONResponse({"count": len(token_ids), "max_model_len": model.max_model_len, "tokens": token_ids,
                          "token_strs": token_strs})
 
 
@@ -108,16 +112,21 @@ async def tokenize(request: Request) -> JSONResponse:
 async def detokenize(request: Request) -> JSONResponse:
     state = server_state(request)
     body = await read_body(request, DetokenizeRequest)
-    check_model(state, body.model)
-    state.require_engine()
-    state.check_token_ids(body.tokens, "tokens")
-    return JSONResponse({"prompt": state.engine.tokenizer.decode(body.tokens)})
+    model = find_model(state, body.model)
+
+    async def run(_waited: float) -> JSONResponse:
+        model.check_token_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": model.engine.tokenizer.decode(body.tokens)})
+
+    return await state.respond(model, run)
 
 
-def check_model(state: ServerState, name: str | None) -> None:
-    """404 unless `name` is one of the served names (no name: the first one)."""
-    if name is not None and name not in state.served_model_names:
+def find_model(state: ServerState, name: str | None) -> ServedModel:
+    """The model a request names (no name: the first one); 404 unless it is served."""
+    model = state.lookup(name)
+    if model is None:
         raise APIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND, "model", "NotFoundError")
+    return model
 
 
 async def read_body(request: Request, model: type[Body]) -> Body:
@@ -146,6 +155,8 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 
 def _parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise APIError("missing request body", HTTPStatus.BAD_REQUEST)
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:

@@ -1,7 +1,8 @@
 """The OpenAI API's request and response bodies (pydantic), with vLLM's extra request fields.
 
 Unknown request fields are ignored, as OpenAI's and vLLM's servers do. Fields a request leaves out
-take the model's generation_config.json value when it has one, else OpenAI's default.
+take the model's default when it has one (generation_config.json, a Modelfile PARAMETER, or
+--override-generation-config), else OpenAI's.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ class SamplingRequest(OpenAIModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
     stop: str | list[str] | None = None
@@ -72,13 +73,13 @@ class SamplingRequest(OpenAIModel):
             top_k=_pick(self.top_k, defaults, "top_k", 0),
             min_p=_pick(self.min_p, defaults, "min_p", 0.0),
             repetition_penalty=_pick(self.repetition_penalty, defaults, "repetition_penalty", 1.0),
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            presence_penalty=_pick(self.presence_penalty, defaults, "presence_penalty", 0.0),
+            frequency_penalty=_pick(self.frequency_penalty, defaults, "frequency_penalty", 0.0),
             logit_bias=_token_bias(self.logit_bias),
-            seed=self.seed,
+            seed=_pick(self.seed, defaults, "seed", None),
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop=[self.stop] if isinstance(self.stop, str) else list(_pick(self.stop, defaults, "stop", [])),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from types import FrameType
+from typing import Sequence
 
 import uvicorn
 
 from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.duration import format_duration
 from pagedserve.server.app import create_app
+from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
 logger = logging.getLogger("pagedserve.server")
@@ -51,10 +55,12 @@ class _Server(uvicorn.Server):
         return self.config.port
 
 
-def run_server(server_config: ServerConfig, engine_config: EngineConfig) -> int:
-    """Serve until told to stop; 0 after a clean shutdown, 1 if the model failed to load."""
+def run_server(server_config: ServerConfig, engine_config: EngineConfig,
+               model_names: Sequence[str] | None = None) -> int:
+    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up."""
     holder: list[_Server] = []
-    app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error))
+    app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error),
+                     model_names=model_names)
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_config=None,
         log_level=server_config.uvicorn_log_level, access_log=not server_config.disable_uvicorn_access_log,
@@ -63,14 +69,22 @@ def run_server(server_config: ServerConfig, engine_config: EngineConfig) -> int:
     server = _Server(config, app.state.server)
     holder.append(server)
     server.run()
-    return 1 if app.state.server.load_error is not None else 0
+    failed = any(model.load_error is not None for model in app.state.server.served_models)
+    return 1 if failed else 0
 
 
 def _startup_line(state: ServerState, port: int) -> str:
     config = state.server_config
     scheme = "https" if config.ssl_certfile else "http"
-    names = ", ".join(repr(name) for name in state.served_model_names)
+    served = "; ".join(_served(model) for model in state.served_models)
     access = "API key required" if config.api_key else "no API key"
-    return (f"pagedserve {__version__} listening on {scheme}://{config.host}:{port}, serving "
-            f"{state.engine_config.model} as {names} ({access}); the model loads in the background and "
-            f"GET /health answers 200 once it is ready")
+    return (f"pagedserve {__version__} listening on {scheme}://{config.host}:{port}, serving {served} ({access}); "
+            "models load in the background and GET /health answers 200 once those loaded at start-up are ready")
+
+
+def _served(model: ServedModel) -> str:
+    notes = [] if model.is_eager else ["loads on first use"]
+    if not math.isinf(model.keep_alive):
+        notes.append(f"unloads after {format_duration(model.keep_alive)} idle")
+    names = ", ".join(repr(name) for name in model.names)
+    return f"{model.requested} as {names}" + (f" ({', '.join(notes)})" if notes else "")

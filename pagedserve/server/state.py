@@ -1,133 +1,129 @@
-"""What one server holds: its configs, the engine once loaded, metrics, and where it is in its life.
+"""What one server holds: its config, its models (a dict from every name a request may use to the
+ServedModel answering it), metrics, and where it is in its life.
 
-The engine loads on a daemon thread so uvicorn listens at once (`/health` answers 503 meanwhile)
-and a SIGTERM during a slow load still exits promptly. Shutdown gives in-flight requests
-`shutdown_timeout` seconds, then stops the engine, which ends every open stream with an error event.
+Uvicorn listens at once; the models named on the command line load in the background (`/health`
+answers 503 until they are ready). Shutdown gives in-flight requests `shutdown_timeout` seconds,
+then stops every engine, which ends each open stream with an error event.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import threading
+import math
 import time
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Sequence
+
+from starlette.responses import Response
 
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.metrics import EngineMetrics
+from pagedserve.duration import parse_duration
+from pagedserve.metrics import MetricFamilies
+from pagedserve.model_store import default_model_name, list_manifests, models_dir
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
+from pagedserve.server.served_model import ServedModel
+from pagedserve.server.streaming import ClosingStreamingResponse
 
 logger = logging.getLogger(__name__)
+
+# How long a model loaded on first use stays loaded when idle, unless --keep-alive says otherwise.
+_LAZY_KEEP_ALIVE_SECONDS = 300.0
 
 
 class ServerState:
     def __init__(self, server_config: ServerConfig, engine_config: EngineConfig,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 model_names: Sequence[str] | None = None) -> None:
+        """`model_names`: the models to serve (default: `engine_config.model`), each loaded with
+        `engine_config`'s options; with `engine_config.models_dir` set, its models are served too."""
         self.server_config = server_config
-        self.engine_config = engine_config
-        self.served_model_names = server_config.served_model_name or (engine_config.model,)
-        self.metrics = EngineMetrics(self.served_model_names[0],
-                                     None if server_config.disable_log_stats else server_config.log_stats_interval)
-        self.engine: Any = None            # LLMEngine, once loaded
-        self.async_engine: Any = None      # AsyncEngine, once loaded
-        self.generation_defaults: dict[str, Any] = {}
-        self.load_error: BaseException | None = None
+        self.families = MetricFamilies()
+        self.models = build_models(server_config, engine_config, self.families,
+                                   [engine_config.model] if model_names is None else list(model_names))
         self.is_draining = False
         self.num_in_flight = 0
         self._on_fatal = on_fatal
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._startup: asyncio.Task | None = None
         self._drain_task: asyncio.Task | None = None
 
-    # ---- loading --------------------------------------------------------------------------------
+    @property
+    def served_models(self) -> list[ServedModel]:
+        """Each model once, in the order they were named."""
+        return list(dict.fromkeys(self.models.values()))
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return tuple(name for model in self.served_models for name in model.names)
+
+    def lookup(self, name: str | None) -> ServedModel | None:
+        """The model a request names (also as `name:latest`); no name: the first one."""
+        if name is None:
+            return self.served_models[0]
+        return self.models.get(name) or self.models.get(name.removesuffix(":latest"))
+
+    # ---- start-up and readiness -----------------------------------------------------------------
 
     def start_loading(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._load, name="pagedserve-load", daemon=True).start()
+        self._startup = asyncio.get_running_loop().create_task(self._load_at_startup())
 
-    def _load(self) -> None:
-        from pagedserve.engine.async_engine import AsyncEngine
-        from pagedserve.engine.llm_engine import LLMEngine
-
-        try:
-            engine = LLMEngine(self.engine_config)
-        except BaseException as error:   # noqa: BLE001 - any load failure ends the server
-            self._call_on_loop(self._load_failed, error)
-            return
-        async_engine = AsyncEngine(engine, on_step=self.metrics.on_step)
-        self._call_on_loop(self._loaded, engine, async_engine)
-
-    def _call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:   # the loop is gone: the server stopped while the model loaded
-            pass
-
-    def _loaded(self, engine: Any, async_engine: Any) -> None:
-        self.engine, self.async_engine = engine, async_engine
-        from_model = engine.generation_defaults if self.server_config.generation_config == "auto" else {}
-        self.generation_defaults = {**from_model, **self.server_config.generation_overrides}
-        if self.generation_defaults:
-            logger.info("sampling defaults for fields a request leaves out: %s", self.generation_defaults)
-        if self.is_draining:
-            async_engine.shutdown()
-
-    def _load_failed(self, error: BaseException) -> None:
-        self.load_error = error
-        logger.error("could not load %s: %s", self.engine_config.model, error)
-        if self._on_fatal is not None:
-            self._on_fatal(error)
-
-    # ---- readiness ------------------------------------------------------------------------------
+    async def _load_at_startup(self) -> None:
+        for model in self.served_models:
+            if not model.is_eager:
+                continue
+            try:
+                await model.load()
+            except Exception as error:   # noqa: BLE001 - any load failure ends the server
+                model.load_error, model.is_starting = error, False
+                logger.error("could not load %s: %s", model.requested, error)
+                if self._on_fatal is not None:
+                    self._on_fatal(error)
+                return
+            model.is_starting = False
+            if self.is_draining:
+                await model.shutdown()
 
     def health(self) -> tuple[int, str]:
-        """(HTTP status, reason) for /health."""
-        if self.load_error is not None:
-            return HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed to load: {self.load_error}"
+        """(HTTP status, reason) for /health: 200 once the models loaded at start-up are ready."""
+        models = self.served_models
+        for model in models:
+            if model.load_error is not None:
+                which = f" {model.name}" if len(models) > 1 else ""
+                return HTTPStatus.INTERNAL_SERVER_ERROR, f"the model{which} failed to load: {model.load_error}"
         if self.is_draining:
             return HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down"
-        if self.async_engine is None:
+        if any(model.is_starting for model in models):
             return HTTPStatus.SERVICE_UNAVAILABLE, "the model is loading"
-        if not self.async_engine.is_running:
+        if any(model.is_loaded and not model.async_engine.is_running for model in models):
             return HTTPStatus.INTERNAL_SERVER_ERROR, "the engine has stopped"
         return HTTPStatus.OK, "ok"
 
-    def require_engine(self) -> Any:
-        """The AsyncEngine, or an APIError (503/500) saying why there is none."""
-        status, reason = self.health()
-        if status != HTTPStatus.OK:
-            raise APIError(reason, status)
-        return self.async_engine
+    # ---- requests -------------------------------------------------------------------------------
 
-    def check_params(self, params: SamplingParams) -> None:
-        """What the engine would refuse, refused here with the field named."""
-        max_num_seqs = self.engine_config.max_num_seqs
-        if params.n > max_num_seqs:
-            raise APIError(f"n must be at most {max_num_seqs} (--max-num-seqs), got {params.n}", param="n")
-        vocab_size = self.engine.model_config.vocab_size
-        for token_id in params.logit_bias or {}:
-            if token_id >= vocab_size:
-                raise APIError(f"logit_bias token id {token_id} is out of vocabulary (size {vocab_size})",
-                               param="logit_bias")
+    async def respond(self, model: ServedModel, handler: Callable[[float], Awaitable[Response]],
+                      keep_alive: float | None = None) -> Response:
+        """`handler(seconds waited for the model to load)` with the model held until its response is
+        sent (a stream: until it closes). `keep_alive`: the request's, if it gave one."""
+        if self.is_draining:
+            raise APIError("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+        waited = await model.acquire()
+        try:
+            response = await handler(waited)
+        except BaseException:
+            model.release(keep_alive)
+            raise
+        if isinstance(response, ClosingStreamingResponse):
+            response.also_on_close(lambda: model.release(keep_alive))
+        else:
+            model.release(keep_alive)
+        return response
 
-    def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab_size = self.engine.model_config.vocab_size
-        bad = [token_id for token_id in token_ids if not 0 <= token_id < vocab_size]
-        if bad:
-            raise APIError(f"token ids must be in [0, {vocab_size}); got {bad[0]}", param=param)
-
-    @property
-    def max_model_len(self) -> int | None:
-        return self.engine.max_model_len if self.engine is not None else self.engine_config.max_model_len
-
-    # ---- requests in flight ---------------------------------------------------------------------
-
-    def track(self, streams: list[Any]) -> RequestTracker:
+    def track(self, model: ServedModel, streams: list[Any]) -> RequestTracker:
         """Count requests in flight (shutdown waits for them) until the tracker is closed."""
         self.num_in_flight += 1
-        return RequestTracker(self, streams)
+        return RequestTracker(self, model, streams)
 
     def log_received(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if self.server_config.disable_log_requests:
@@ -163,27 +159,29 @@ class ServerState:
         deadline = time.monotonic() + timeout
         while self.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await self.stop_engine()
+        await self.stop_engines()
 
-    async def stop_engine(self) -> None:
-        """Stop the engine thread; streams still open end with a "shutting down" error."""
-        if self.async_engine is not None:
-            await asyncio.to_thread(self.async_engine.shutdown)
+    async def stop_engines(self) -> None:
+        """Stop every engine thread; streams still open end with a "shutting down" error."""
+        for model in self.served_models:
+            await model.shutdown()
 
     async def close(self) -> None:
         """At lifespan shutdown, after uvicorn has closed the connections."""
         self.is_draining = True
-        if self._drain_task is not None and not self._drain_task.done():
-            self._drain_task.cancel()
-        await self.stop_engine()
+        for task in (self._drain_task, self._startup):
+            if task is not None and not task.done():
+                task.cancel()
+        await self.stop_engines()
 
 
 class RequestTracker:
     """One HTTP request's engine requests. `close()` (idempotent) aborts whatever has not finished
     and counts it as aborted unless the handler marked the request `completed`."""
 
-    def __init__(self, state: ServerState, streams: list[Any]) -> None:
+    def __init__(self, state: ServerState, model: ServedModel, streams: list[Any]) -> None:
         self._state = state
+        self._model = model
         self._streams = streams
         self.completed = False
         self._is_closed = False
@@ -194,9 +192,40 @@ class RequestTracker:
         self._is_closed = True
         self._state.num_in_flight -= 1
         if not self.completed:
-            self._state.metrics.record_aborted()
+            self._model.metrics.record_aborted()
         for stream in self._streams:
             stream.abort()
+
+
+def build_models(server_config: ServerConfig, engine_config: EngineConfig, families: MetricFamilies,
+                 model_names: list[str]) -> dict[str, ServedModel]:
+    """Every name a request may use -> its model: those named (loaded at start-up unless --lazy-load),
+    then those of an explicitly given models directory (loaded on first use)."""
+    directory = models_dir(engine_config.models_dir)
+    if server_config.served_model_name and len(model_names) > 1:
+        raise ValueError("--served-model-name names a single model; with several, each is served under its own "
+                         "name (create a model with `pagedserve create NAME` to choose one)")
+    # (model, loads at start-up, names it is served under unless the default)
+    named = [(name, not server_config.lazy_load, server_config.served_model_name) for name in model_names]
+    if engine_config.models_dir:
+        named += [(manifest.name, False, ()) for manifest in list_manifests(directory)
+                  if manifest.name not in model_names]
+    if not named:
+        raise ValueError(f"no model to serve: name one, or create models in {directory}")
+    models: dict[str, ServedModel] = {}
+    for requested, is_eager, chosen_names in named:
+        names = chosen_names or (default_model_name(requested, directory),)
+        keep_alive = (parse_duration(server_config.keep_alive) if server_config.keep_alive is not None
+                      else math.inf if is_eager else _LAZY_KEEP_ALIVE_SECONDS)
+        model = ServedModel(tuple(names), requested, engine_config, server_config, families, is_eager=is_eager,
+                            keep_alive=keep_alive)
+        # NOTE: unless names were chosen, the model as typed (e.g. a path) is accepted too, as vLLM serves it.
+        accepted = names if chosen_names else [*names, requested]
+        for name in dict.fromkeys(accepted):
+            if name in models:
+                raise ValueError(f"two models would be served as {name!r}")
+            models[name] = model
+    return models
 
 
 def _changed_fields(params: SamplingParams) -> str:

@@ -31,19 +31,21 @@ def json_response(payload: BaseModel) -> Response:
     return Response(payload.model_dump_json(), media_type="application/json")
 
 
-class EventStreamResponse(StreamingResponse):
-    """An SSE response that closes its generator and calls `on_close` however it ends.
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed response that closes its generator and calls its `on_close` callbacks however it ends.
 
     NOTE: when the client disconnects, Starlette cancels the sending task and leaves the generator
-    suspended (or never started, so its own `finally` would never run); `on_close` is where the
-    engine requests get aborted.
+    suspended (or never started, so its own `finally` would never run); the callbacks are where the
+    engine requests get aborted and the model released.
     """
 
-    media_type = "text/event-stream"
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], media_type: str) -> None:
+        super().__init__(content, media_type=media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = [on_close]
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
+    def also_on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -52,7 +54,22 @@ class EventStreamResponse(StreamingResponse):
             try:
                 await self.body_iterator.aclose()
             finally:
-                self._on_close()
+                for callback in self._on_close:
+                    callback()
+
+
+class EventStreamResponse(ClosingStreamingResponse):
+    """Server-sent events (the OpenAI API)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, on_close, "text/event-stream")
+
+
+class NDJSONResponse(ClosingStreamingResponse):
+    """One JSON object per line (the Ollama API)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, on_close, "application/x-ndjson")
 
 
 async def merge_streams(streams: list[Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -104,6 +121,16 @@ async def collect_final(streams: list[Any], request: Request) -> list[RequestOut
     if consumer not in done:
         return None
     consumer.result()   # re-raises what the engine raised
+    return finals
+
+
+async def collect_tracked(streams: list[Any], request: Request, tracker: Any) -> list[RequestOutput] | None:
+    """collect_final, then close the request's tracker, marked completed unless the client left."""
+    try:
+        finals = await collect_final(streams, request)
+        tracker.completed = finals is not None
+    finally:
+        tracker.close()
     return finals
 
 

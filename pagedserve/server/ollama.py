@@ -1,0 +1,233 @@
+"""The Ollama API on the same port as the OpenAI one: /api/version (open), /api/chat and /api/generate,
+and the model routes of ollama_models.py (/api/tags, /api/show, /api/ps, /api/pull), all behind the API
+key when one is set.
+
+Requests run the same engine path as the OpenAI routes (a held ServedModel, AsyncEngine.add_request,
+a tracker that aborts on disconnect). Streams are NDJSON, one object per line, the last with
+`done: true` and the counts and durations. Errors are Ollama's `{"error": "..."}` (see errors.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, Response
+
+from pagedserve.chat_template import NoChatTemplateError
+from pagedserve.go_template import is_go_template, translate_go_template
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.server.errors import APIError, from_exception
+from pagedserve.server.ollama_models import find_model
+from pagedserve.server.ollama_models import router as models_router
+from pagedserve.server.ollama_protocol import ChatBody, GenerateBody, InferenceBody, done_fields, sampling_params, timestamp
+from pagedserve.server.openai import read_body, server_state, verify_api_key
+from pagedserve.server.protocol import random_id
+from pagedserve.server.reasoning import ReasoningParser
+from pagedserve.server.served_model import ServedModel
+from pagedserve.server.state import RequestTracker, ServerState
+from pagedserve.server.streaming import NDJSONResponse, collect_tracked
+
+# NOTE: the Ollama release whose API this follows; tools compare it before using newer features.
+OLLAMA_API_VERSION = "0.6.0"
+
+open_router = APIRouter()
+router = APIRouter(dependencies=[Depends(verify_api_key)])
+router.include_router(models_router)
+
+
+@open_router.api_route("/api/version", methods=["GET", "HEAD"])
+async def version() -> JSONResponse:
+    return JSONResponse({"version": OLLAMA_API_VERSION})
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    start = time.perf_counter()
+    state = server_state(request)
+    body = await read_body(request, ChatBody)
+    model = find_model(state, body)
+    body.check_supported()
+    keep_alive = body.keep_alive_seconds()
+    if not body.messages:
+        return await _load_or_unload(state, model, body, keep_alive, start)
+
+    async def answer_chat(waited: float) -> Response:
+        params, num_ctx = sampling_params(body.options, model.generation_defaults, body.stream)
+        prompt, token_ids = model.chat_prompt(body.messages, tools=body.tools)
+        run = _Run(random_id("chat"), body.model or body.name, start, waited, True, _parser(state, prompt))
+        return await _answer(state, request, model, run, prompt, token_ids, params, num_ctx, body.stream)
+
+    return await state.respond(model, answer_chat, keep_alive)
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    start = time.perf_counter()
+    state = server_state(request)
+    body = await read_body(request, GenerateBody)
+    model = find_model(state, body)
+    body.check_supported()
+    if body.suffix:
+        raise APIError(f'"{body.model}" does not support insert')
+    keep_alive = body.keep_alive_seconds()
+    if not body.prompt:
+        return await _load_or_unload(state, model, body, keep_alive, start)
+
+    async def answer_generate(waited: float) -> Response:
+        params, num_ctx = sampling_params(body.options, model.generation_defaults, body.stream)
+        prompt, token_ids = _generate_prompt(body, model)
+        run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
+                   None if body.raw else _parser(state, prompt), with_context=not body.raw)
+        return await _answer(state, request, model, run, prompt, token_ids, params, num_ctx, body.stream)
+
+    return await state.respond(model, answer_generate, keep_alive)
+
+
+# ---- answering --------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """One chat or generate request as the response builders need it."""
+
+    request_id: str
+    model: str                        # as the request named it
+    start: float                      # perf_counter() when the request arrived
+    load_seconds: float
+    is_chat: bool
+    parser: ReasoningParser | None
+    with_context: bool = False        # generate's `context`: the prompt and answer tokens
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+
+    def chunk(self, content: str, thinking: str | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"model": self.model, "created_at": timestamp()}
+        if self.is_chat:
+            chunk["message"] = {"role": "assistant", "content": content}
+            if thinking:
+                chunk["message"]["thinking"] = thinking
+        else:
+            chunk["response"] = content
+            if thinking:
+                chunk["thinking"] = thinking
+        chunk["done"] = False
+        return chunk
+
+    def last(self, output: RequestOutput, content: str = "", thinking: str | None = None) -> dict[str, Any]:
+        last = {**self.chunk(content, thinking),
+                **done_fields(output, time.perf_counter() - self.start, self.load_seconds)}
+        if self.with_context:
+            last["context"] = self.prompt_token_ids + self.output_token_ids
+        return last
+
+
+async def _answer(state: ServerState, request: Request, model: ServedModel, run: _Run, prompt: str,
+                  token_ids: list[int], params: SamplingParams, num_ctx: int | None, stream: bool) -> Response:
+    model.check_params(params)
+    params = _fit_context(params, len(token_ids), model, num_ctx)
+    run.prompt_token_ids = token_ids
+    state.log_received(run.request_id, prompt, params)
+    engine_stream = await model.async_engine.add_request(token_ids, params, run.request_id, add_special_tokens=False)
+    tracker = state.track(model, [engine_stream])
+    if stream:
+        return NDJSONResponse(_stream(run, engine_stream, state, tracker), on_close=tracker.close)
+    finals = await collect_tracked([engine_stream], request, tracker)
+    if finals is None:
+        return Response(status_code=499)   # the client is gone; nobody reads this
+    state.log_finished(run.request_id, finals)
+    completion = finals[0].outputs[0]
+    run.output_token_ids = list(completion.token_ids)
+    thinking, content = _split(run.parser, completion.text, is_finished=True)
+    return JSONResponse(run.last(finals[0], content, thinking))
+
+
+async def _stream(run: _Run, engine_stream: Any, state: ServerState, tracker: RequestTracker) -> AsyncIterator[str]:
+    try:
+        output = None
+        async for output in engine_stream:
+            completion = output.outputs[0]
+            run.output_token_ids.extend(completion.token_ids)
+            thinking, content = _split(run.parser, completion.text, completion.is_finished)
+            if content or thinking:
+                yield _line(run.chunk(content, thinking))
+        tracker.completed = True
+        state.log_finished(run.request_id, [output])
+        yield _line(run.last(output))
+    except Exception as error:   # noqa: BLE001 - after the first line, errors can only travel as lines
+        yield _line({"error": from_exception(error).message})
+
+
+def _split(parser: ReasoningParser | None, text: str, is_finished: bool) -> tuple[str, str]:
+    """(thinking, content) of a streamed piece."""
+    if parser is None:
+        return "", text
+    pieces = [parser.feed(text)] + ([parser.finish()] if is_finished else [])
+    return "".join(piece.reasoning for piece in pieces), "".join(piece.content for piece in pieces)
+
+
+def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedModel,
+                 num_ctx: int | None) -> SamplingParams:
+    """Cap the answer at the context (num_ctx when the request gives one, at most the server's), as
+    Ollama stops at the context rather than refusing a long num_predict."""
+    limit = model.max_model_len if num_ctx is None else min(num_ctx, model.max_model_len)
+    room = limit - num_prompt_tokens
+    if room < 1:
+        raise APIError(f"the prompt has {num_prompt_tokens} tokens, which leaves no room for an answer in the "
+                       f"context of {limit} tokens (num_ctx, at most the server's max_model_len)")
+    return params.replace(max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
+
+
+def _generate_prompt(body: GenerateBody, model: ServedModel) -> tuple[str, list[int]]:
+    """Raw: the prompt as is. Otherwise the prompt as a user message through the chat template (the
+    request's `template` if it gives one), after the system prompt and the model's opening messages."""
+    tokenizer = model.engine.tokenizer
+    if body.raw:
+        return body.prompt, tokenizer.encode(body.prompt, add_special_tokens=True)
+    system = body.system or model.defaults.system
+    messages = [{"role": "system", "content": system}] if system else []
+    if body.context is None:
+        messages += [{"role": role, "content": content} for role, content in model.defaults.messages]
+    messages.append({"role": "user", "content": body.prompt})
+    template = None
+    if body.template:
+        template = translate_go_template(body.template) if is_go_template(body.template) else body.template
+    try:
+        prompt, token_ids = model.chat_prompt(messages, with_defaults=False, chat_template=template)
+    except NoChatTemplateError:   # a base model: Ollama's default template is the bare prompt
+        prompt, token_ids = body.prompt, tokenizer.encode(body.prompt, add_special_tokens=True)
+    if body.context:
+        model.check_token_ids(body.context, "context")
+        token_ids = list(body.context) + token_ids
+    return prompt, token_ids
+
+
+async def _load_or_unload(state: ServerState, model: ServedModel, body: InferenceBody, keep_alive: float | None,
+                          start: float) -> Response:
+    """An empty prompt or no messages: load the model (done_reason "load"), or with keep_alive 0 unload it."""
+    reply: dict[str, Any] = {"model": body.model or body.name, "created_at": timestamp()}
+    if isinstance(body, ChatBody):
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    if keep_alive == 0:
+        await model.unload_when_idle()
+        return JSONResponse({**reply, "done": True, "done_reason": "unload"})
+
+    async def loaded(waited: float) -> Response:
+        return JSONResponse({**reply, "done": True, "done_reason": "load",
+                             "total_duration": int((time.perf_counter() - start) * 1e9),
+                             "load_duration": int(waited * 1e9)})
+
+    return await state.respond(model, loaded, keep_alive)
+
+
+def _parser(state: ServerState, prompt: str) -> ReasoningParser | None:
+    name = state.server_config.reasoning_parser
+    return ReasoningParser(name, prompt) if name else None
+
+
+def _line(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False) + "\n"

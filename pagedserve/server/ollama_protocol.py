@@ -1,0 +1,169 @@
+"""The Ollama API's request bodies, its `options` mapped onto SamplingParams, and its response fields.
+
+Field names, defaults and error messages follow Ollama's server (api/types.go, server/routes.go):
+`stream` defaults to true; durations are nanoseconds; a sampling field the request leaves out takes
+the model's default (a Modelfile PARAMETER, generation_config.json), else Ollama's own.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pagedserve.duration import parse_duration
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
+
+# Ollama's DefaultOptions() for what neither the request nor the model sets.
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.0}
+# option -> (type Ollama checks, generation-default key it overrides)
+_OPTIONS: dict[str, tuple[type, str | None]] = {
+    "num_predict": (int, "max_new_tokens"), "temperature": (float, "temperature"), "top_p": (float, "top_p"),
+    "top_k": (int, "top_k"), "min_p": (float, "min_p"), "seed": (int, "seed"), "stop": (list, "stop"),
+    "repeat_penalty": (float, "repetition_penalty"), "presence_penalty": (float, "presence_penalty"),
+    "frequency_penalty": (float, "frequency_penalty"), "num_ctx": (int, None),
+}
+_TYPE_NAMES = {int: "integer", float: "float32", list: "array"}
+_FOREVER = timedelta(days=365 * 290)   # what Ollama's `ps` shows as "Forever"
+
+
+class OllamaBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    name: str = ""                     # the older spelling of `model`
+
+
+class InferenceBody(OllamaBody):
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None    # accepted; a reasoning parser (--reasoning-parser) splits the thinking
+
+    def keep_alive_seconds(self) -> float | None:
+        """The request's keep_alive in seconds (math.inf: forever), or None when it gives none."""
+        return None if self.keep_alive is None else parse_duration(self.keep_alive)
+
+    def check_supported(self) -> None:
+        if self.format not in (None, ""):
+            raise ValueError("structured output is not supported yet: 'format' must be empty")
+
+
+class ChatBody(InferenceBody):
+    messages: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if any(message.get("images") for message in self.messages if isinstance(message, dict)):
+            raise ValueError("images are not supported: this server runs text-only models")
+
+
+class GenerateBody(InferenceBody):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.images:
+            raise ValueError("images are not supported: this server runs text-only models")
+        if self.raw and (self.template or self.system or self.context):
+            raise ValueError("raw mode does not support template, system, or context")
+
+
+class ShowBody(OllamaBody):
+    verbose: bool = False
+
+
+class PullBody(OllamaBody):
+    stream: bool = True
+
+
+def sampling_params(options: dict[str, Any] | None, defaults: dict[str, Any], stream: bool
+                    ) -> tuple[SamplingParams, int | None]:
+    """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option."""
+    given = _typed_options(options or {})
+    values = {**OLLAMA_DEFAULTS, **defaults}
+    for name, value in given.items():
+        key = _OPTIONS[name][1]
+        if key is not None:
+            values[key] = value
+    max_tokens = values.get("max_new_tokens")
+    seed = values.get("seed")
+    stop = values.get("stop") or []
+    params = SamplingParams(
+        temperature=values["temperature"], top_p=values["top_p"], top_k=max(values["top_k"], 0),
+        min_p=values.get("min_p", 0.0), repetition_penalty=values["repetition_penalty"],
+        presence_penalty=values.get("presence_penalty", 0.0), frequency_penalty=values.get("frequency_penalty", 0.0),
+        seed=seed if seed is not None and seed >= 0 else None,
+        max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else None,
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        output_kind=OutputKind.DELTA if stream else OutputKind.FINAL_ONLY)
+    num_ctx = given.get("num_ctx")
+    if num_ctx is not None and num_ctx < 1:
+        raise SamplingParamsError("num_ctx", f"option \"num_ctx\" must be positive, got {num_ctx}")
+    return params, num_ctx
+
+
+def _typed_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options this server uses, type-checked as Ollama checks them; the others are ignored."""
+    typed = {}
+    for name, value in options.items():
+        if name not in _OPTIONS or value is None:
+            continue
+        kind = _OPTIONS[name][0]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is list and isinstance(value, str):
+            value = [value]
+        if kind is list and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise SamplingParamsError(name, f"option \"{name}\" must be of an array of strings"
+                                      if isinstance(value, list) else f"option \"{name}\" must be of type array")
+        if kind is not list and not is_number:
+            raise SamplingParamsError(name, f"option \"{name}\" must be of type {_TYPE_NAMES[kind]}")
+        if kind is float and not math.isfinite(value):
+            raise SamplingParamsError(name, f"option \"{name}\" must be a finite number")
+        typed[name] = int(value) if kind is int else float(value) if kind is float else value
+    return typed
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+def timestamp(unix_time: float | None = None) -> str:
+    """RFC 3339 in UTC, as Ollama writes `created_at` and `modified_at`."""
+    moment = datetime.now(timezone.utc) if unix_time is None else datetime.fromtimestamp(unix_time, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def expires_at(unix_time: float | None) -> str:
+    """When a loaded model unloads; None (never) as a date centuries away, as Ollama reports it."""
+    if unix_time is None:
+        return (datetime.now(timezone.utc) + _FOREVER).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return timestamp(unix_time)
+
+
+def done_fields(output: RequestOutput, total_seconds: float, load_seconds: float) -> dict[str, Any]:
+    """The last object's counts and durations (nanoseconds)."""
+    completion = output.outputs[0]
+    metrics = output.metrics
+    prompt_seconds = eval_seconds = 0.0
+    if metrics is not None and metrics.first_token_time is not None:
+        started = metrics.first_scheduled_time or metrics.arrival_time
+        prompt_seconds = metrics.first_token_time - started
+        eval_seconds = (metrics.last_token_time or metrics.first_token_time) - metrics.first_token_time
+    return {"done": True, "done_reason": completion.finish_reason or "stop",
+            "total_duration": _nanoseconds(total_seconds), "load_duration": _nanoseconds(load_seconds),
+            "prompt_eval_count": len(output.prompt_token_ids), "prompt_eval_duration": _nanoseconds(prompt_seconds),
+            "eval_count": completion.num_output_tokens, "eval_duration": _nanoseconds(eval_seconds)}
+
+
+def _nanoseconds(seconds: float) -> int:
+    # NOTE: at least 1: clients divide counts by durations to print rates.
+    return max(int(seconds * 1e9), 1)
