@@ -197,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(generate)
     generate.set_defaults(func=_generate)
 
+    from pagedserve.bench import add_bench_parser
     from pagedserve.cli_models import add_model_commands
     from pagedserve.terminal_chat import add_chat_parser
 
+    add_bench_parser(commands, add_engine_flags)
     add_chat_parser(commands, add_engine_flags)
     add_model_commands(commands, add_engine_flags)
     return parser

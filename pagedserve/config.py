@@ -44,7 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one batch"})
     max_num_batched_tokens: int | None = field(
-        default=None, metadata={"help": "token budget of one engine step (default 2048)"})
+        default=None, metadata={"help": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     enforce_eager: bool = field(default=False, metadata={"help": "never compile the decode path"})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: physical cores)"})

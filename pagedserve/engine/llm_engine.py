@@ -23,7 +23,10 @@ from pagedserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# Token budget of a step when the user sets none. On a CPU a step of 512 prompt tokens already runs the
+# GEMMs near full speed, and smaller steps interleave waiting prompts with running decodes sooner:
+# the median time to first token under load drops and decodes stall less behind long prompts.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 
 @dataclass
@@ -73,7 +76,8 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                                   config.max_num_batched_tokens
+                                   or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048),
                                    self.max_model_len)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
         self._requests: dict[str, _Request] = {}
