@@ -124,7 +124,7 @@ def _inapplicable_engine_options(options: dict[str, Any], config: EngineConfig) 
                      "stored (a GGUF file carries its own quantization)")
     if "gpu_memory_utilization" in options and _runs_on_cpu(config):
         lines.append("--gpu-memory-utilization applies to CUDA only; on CPU the KV cache takes --kv-cache-space "
-                     "GiB (default: 30% of free memory, at most 1 GiB)")
+                     "GiB (default: 30% of free memory, at most 0.75 GiB)")
     return lines
 
 
@@ -207,11 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_omp_wait_policy(args: argparse.Namespace) -> None:
+    """Set OMP_WAIT_POLICY from --omp-wait-policy ("auto" leaves the environment alone). OpenMP reads
+    it once, when torch loads it, so this runs before anything imports torch."""
+    if "omp_wait_policy" not in vars(args):
+        return
+    policy = gather_options(args).get("omp_wait_policy", "auto")
+    if policy != "auto":
+        os.environ["OMP_WAIT_POLICY"] = str(policy).upper()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
     try:
+        apply_omp_wait_policy(args)
         sys.exit(args.func(args))
     except ValueError as error:
         logger.error("%s", error)

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+OMP_WAIT_POLICIES = ("auto", "active", "passive")
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -38,7 +39,7 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
     kv_cache_space: float | None = field(
-        default=None, metadata={"help": "KV cache size in GiB on CPU (default: sized from free memory)"})
+        default=None, metadata={"help": "KV cache size in GiB on CPU (default: 30%% of free memory, at most 0.75)"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory to use (CUDA only)"})
     num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides sizing)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
@@ -46,8 +47,14 @@ class EngineConfig:
     max_num_batched_tokens: int | None = field(
         default=None, metadata={"help": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
-    enforce_eager: bool = field(default=False, metadata={"help": "never compile the decode path"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "plain PyTorch ops only: no fused C++ decode kernels or packed quantized weights (slower; for debugging)"})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: physical cores)"})
+    omp_wait_policy: str = field(default="auto", metadata={
+        "choices": OMP_WAIT_POLICIES,
+        "help": "how idle OpenMP threads wait between ops: active spins (fastest on an otherwise idle machine), "
+                "passive sleeps (several times faster when other processes compete for the cores), auto leaves "
+                "the runtime's spin-then-sleep (about as fast as active when idle); applies at start-up only"})
     chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template, as a file or a string"})
     quantization: str | None = field(default=None, metadata={"help": "weight quantization method",
                                                               "aliases": ("-q",)})
@@ -72,6 +79,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.omp_wait_policy not in OMP_WAIT_POLICIES:
+            raise ValueError(f"omp_wait_policy must be one of {', '.join(OMP_WAIT_POLICIES)}, "
+                             f"got {self.omp_wait_policy!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

@@ -143,14 +143,9 @@ class EngineMetrics:
         self.e2e.observe(max(finished - metrics.arrival_time, 0.0))
         if metrics.first_scheduled_time is not None:
             self.queue_time.observe(max(metrics.first_scheduled_time - metrics.arrival_time, 0.0))
-        num_gaps = first.num_output_tokens - 1
-        if num_gaps > 0 and metrics.last_token_time is not None:
-            # NOTE: the engine keeps first and last token times only, so each gap is the mean gap;
-            # the histograms' sums and counts are exact, their spread is not.
-            mean_gap = max(metrics.last_token_time - metrics.first_token_time, 0.0) / num_gaps
-            for _ in range(num_gaps):
-                self.itl.observe(mean_gap)
-                self.tpot.observe(mean_gap)
+        for gap in metrics.token_gaps:
+            self.itl.observe(gap)
+            self.tpot.observe(gap)
 
     def record_unloaded(self) -> None:
         """The engine is gone (its model unloaded): nothing runs, waits or holds KV blocks."""
@@ -176,7 +171,8 @@ class EngineMetrics:
         is_busy = stats.num_running or stats.num_waiting or now.num_generation_tokens != since.num_generation_tokens \
             or now.num_prompt_tokens != since.num_prompt_tokens
         if is_busy:
-            logger.info("%s", stats_line(since, now, stats))
+            # Named, since one server may run several models, each with its own engine and line.
+            logger.info("%s: %s", self._model_name, stats_line(since, now, stats))
 
 
 def stats_line(since: _Snapshot, now: _Snapshot, stats: Any) -> str:

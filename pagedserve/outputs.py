@@ -1,7 +1,7 @@
 """What the engine hands back for each request."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    token_gaps: list[float] = field(default_factory=list)   # between a step's new tokens and the next's
 
 
 @dataclass

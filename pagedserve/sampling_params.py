@@ -18,6 +18,9 @@ class OutputKind(Enum):
     FINAL_ONLY = "final_only"   # one output, when the request finishes
 
 
+_GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings of one request. `validate()` runs on construction and raises ValueError."""
@@ -82,7 +85,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As in vLLM, a temperature this small is greedy: dividing logits by it would overflow.
+        return self.temperature < _GREEDY_TEMPERATURE
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)

@@ -79,3 +79,26 @@ def test_offline_bench_commands(command, tmp_path):
         assert report["output_tokens_per_s"] > 0 and report["requests_per_s"] > 0
     else:
         assert report["batch_size"] == 2 and report["avg_latency_s"] > 0 and report["decode_tokens_per_s"] > 0
+
+
+def test_a_stream_of_tokens_without_text_still_counts():
+    """With --ignore-eos a model may emit only special tokens: empty text, yet tokens that took time."""
+    import asyncio
+
+    import httpx
+
+    from pagedserve.bench.datasets import BenchPrompt
+    from pagedserve.bench.serve import _one_request
+
+    chunks = [{"choices": [{"index": 0, "text": ""}]}] * 3 + [{"choices": [], "usage": {"prompt_tokens": 4,
+                                                                                         "completion_tokens": 3}}]
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def one():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one_request(client, "http://test/v1/completions", "m", BenchPrompt([1] * 4, "x", 3),
+                                      True, {})
+
+    result = asyncio.run(one())
+    assert result.ok and result.output_tokens == 3 and len(result.itls) == 2

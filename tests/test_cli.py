@@ -175,3 +175,22 @@ def test_help_runs():
                             timeout=120)
     assert result.returncode == 0
     assert "--served-model-name" in result.stdout and "--api-key" in result.stdout
+
+
+def test_omp_wait_policy_is_set_before_torch_loads_openmp(tiny_llama_dir):
+    """From the command line it reaches OpenMP's environment; too late (torch already loaded) it says so."""
+    import os
+
+    environ = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-m", "pagedserve", "generate", "--model", str(tiny_llama_dir),
+                             "--prompt", "hi", "--max-tokens", "2", "--omp-wait-policy", "passive",
+                             "--num-threads", "1"], capture_output=True, text=True, timeout=300, env=environ)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on cpu (1 thread, OpenMP wait passive)" in result.stderr
+    assert "cannot apply" not in result.stderr
+
+    late = subprocess.run([sys.executable, "-c", "import torch; from pagedserve import LLM; "
+                           f"LLM({str(tiny_llama_dir)!r}, omp_wait_policy='active')"],
+                          capture_output=True, text=True, timeout=300, env=environ)
+    assert late.returncode == 0, late.stderr[-2000:]
+    assert "omp_wait_policy=active cannot apply" in late.stderr and "OMP_WAIT_POLICY=ACTIVE" in late.stderr

@@ -164,3 +164,24 @@ def test_requests_over_the_context_limit_are_rejected_up_front(smollm2_path):
 def test_bad_sampling_params_are_value_errors(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_generation_config_end_ids_stop_generation(tiny_llama_dir, tmp_path):
+    """Like Llama 3's <|eot_id|>: an end id listed only in generation_config.json ends the answer."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, tmp_path, dirs_exist_ok=True)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    tokens = LLM(str(tmp_path)).generate("hello world", params)[0].outputs[0].token_ids
+    end_id = tokens[3]
+    assert end_id not in tokens[:3]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_id]}))
+    output = LLM(str(tmp_path)).generate("hello world", params)[0].outputs[0]
+    assert list(output.token_ids) == list(tokens[:4]) and output.finish_reason == "stop"
+
+
+def test_a_tiny_temperature_is_greedy(llm):
+    prompt = "The capital of France is"
+    expected = texts(llm.generate([prompt], greedy(max_tokens=8)))
+    assert texts(llm.generate([prompt], SamplingParams(temperature=1e-40, max_tokens=8, seed=5))) == expected

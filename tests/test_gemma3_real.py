@@ -1,7 +1,7 @@
 """Gemma 3 270M (the `gemma3-270m` alias, Q4_K_M GGUF) against transformers' own load of the same file.
 
 Both sides dequantize the same weights to float32, so greedy tokens must be identical (logprobs agree
-to ~1e-5). The reference load takes a minute or more, so it is built once for the module.
+to ~2e-4: decode-sized matmuls round activations to int16). The reference load takes a minute or more, so it is built once for the module.
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def test_config_matches_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
 
 
 def test_greedy_tokens_match_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
-    check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=1e-4, prompts=PROMPTS,
+    # 5e-4: inputs of up to 16 rows (decode, and these short prompts) round activations to int16 per
+    # 32 values in the packed matmul, ~2e-4 on a logprob here; the tokens must still be identical.
+    check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=5e-4, prompts=PROMPTS,
                  max_tokens=MAX_TOKENS)
 
 
@@ -58,3 +60,26 @@ def test_base_model_has_no_chat_template(gemma3_llm):
     with pytest.raises(NoChatTemplateError, match="no chat template.*--chat-template"):
         gemma3_llm.chat([{"role": "user", "content": "Hello"}])
     assert issubclass(NoChatTemplateError, ValueError)
+
+
+def test_served_base_model_completes_and_refuses_chat_clearly(gemma3_llm):
+    import httpx
+
+    from pagedserve import SamplingParams
+    from tests.server_process import ServerProcess
+
+    prompt = "The capital of France is"
+    offline = gemma3_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+
+    server = ServerProcess(["gemma3-270m", "--disable-log-requests", "--num-kv-blocks", "64"]).start().wait_ready()
+    try:
+        completion = httpx.post(server.base_url + "/v1/completions", timeout=120,
+                                json={"model": "gemma3-270m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["choices"][0]["text"] == offline and "France" in offline
+        chat = httpx.post(server.base_url + "/v1/chat/completions", timeout=120,
+                          json={"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hello"}]})
+        assert chat.status_code == 400
+        assert "no chat template" in chat.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -65,9 +65,34 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     packed = make_packed(70, 96, group, asymmetric, bits)   # 70 outputs: not a multiple of any tile
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
-    expected = x @ packed.dequantize().t() + bias
     got = ops.packed_linear(x, packed, bias)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if uses_int16_activations(num_rows, group):
+        # Exactly the product with x rounded to int16 per 32 values, and within that rounding of the float one.
+        torch.testing.assert_close(got, int16_rounded(x) @ packed.dequantize().t() + bias, rtol=1e-5, atol=2e-4)
+        torch.testing.assert_close(got, x @ packed.dequantize().t() + bias, rtol=1e-4, atol=2e-3)
+    else:
+        torch.testing.assert_close(got, x @ packed.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
+
+
+def uses_int16_activations(num_rows: int, group: int) -> bool:
+    """Decode-sized inputs against 32-weight groups: the kernel rounds x to int16 per 32-value block."""
+    return num_rows <= 16 and group == 32
+
+
+def int16_rounded(x: torch.Tensor) -> torch.Tensor:
+    blocks = x.reshape(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 32767
+    return (torch.round(blocks / step) * step).reshape(x.shape)
+
+
+def test_int16_activations_keep_a_block_with_an_outlier_accurate():
+    """These models have outlier channels ~100x the rest; the other values of that block must survive."""
+    packed = make_packed(64, 128, 32, True, 4)
+    x = torch.randn(1, 128) * 0.05
+    x[0, 5] = 30.0
+    expected = x @ packed.dequantize().t()
+    got = ops.packed_linear(x, packed, None)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 
 
 def test_qlinear_with_many_weight_chunks():
@@ -86,7 +111,7 @@ def test_four_bit_codes_regroup_and_unpack_exactly():
 
 def reference_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap):
     num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
+    num_kv = k_cache.shape[2]
     out = torch.empty_like(q)
     for b in range(num_seqs):
         length = int(lens[b])

@@ -40,7 +40,8 @@ def sample(metrics: EngineMetrics, name: str, **labels) -> float | None:
 
 def finished_output(finish_reason: str = "stop", num_tokens: int = 5) -> RequestOutput:
     times = RequestMetrics(arrival_time=100.0, first_scheduled_time=100.1, first_token_time=100.5,
-                           last_token_time=101.5, finished_time=101.5)
+                           last_token_time=101.5, finished_time=101.5,
+                           token_gaps=[0.1, 0.2, 0.3, 0.4][:num_tokens - 1])
     completion = CompletionOutput(0, "text", list(range(num_tokens)), finish_reason=finish_reason,
                                   num_output_tokens=num_tokens)
     return RequestOutput("r", "p", [1, 2, 3], [completion], finished=True, metrics=times)
@@ -73,6 +74,8 @@ def test_latency_histograms_of_a_finished_request():
     assert sample(metrics, "vllm:inter_token_latency_seconds_count") == 4           # 5 tokens, 4 gaps
     assert abs(sample(metrics, "vllm:inter_token_latency_seconds_sum") - 1.0) < 1e-6
     assert sample(metrics, "vllm:time_per_output_token_seconds_count") == 4
+    # Each real gap lands in its own bucket: 0.1 and 0.2 are <= 0.2, 0.3 and 0.4 are not.
+    assert sample(metrics, "vllm:inter_token_latency_seconds_bucket", le="0.2") == 2
     metrics.record_aborted()
     assert sample(metrics, "vllm:request_success_total", finished_reason="abort") == 1
 
@@ -108,5 +111,5 @@ def test_the_periodic_line_while_busy_and_quiet_when_idle(caplog, monkeypatch):
                                num_prefix_cache_hits=50)
         metrics.on_step(engine, [])                    # idle: nothing happened since the last line
     assert [record.getMessage() for record in caplog.records] == [
-        "Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 tokens/s, Running: 1 reqs, "
+        "m: Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 tokens/s, Running: 1 reqs, "
         "Waiting: 2 reqs, KV cache usage: 50.0%, Prefix cache hit rate: 25.0%"]

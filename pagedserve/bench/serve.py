@@ -1,6 +1,6 @@
 """`pagedserve bench serve`: load-test any OpenAI-compatible server (ours, vLLM, llama-server).
 
-Each request streams from /v1/completions; TTFT is the time to the first chunk with text, ITL the
+Each request streams from /v1/completions; TTFT is the time to the first chunk with tokens, ITL the
 gaps between later chunks, TPOT (E2E - TTFT) / (output tokens - 1), E2E the whole request. Output
 and prompt token counts come from the server's usage report when it sends one.
 """
@@ -57,7 +57,9 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
                     result.error = str(chunk["error"])
                     return result
                 now = time.perf_counter()
-                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                # A chunk with choices carries a step's tokens, even when their text is empty (a special
+                # token, or bytes of a character not yet complete): it counts for TTFT and ITL.
+                if chunk.get("choices"):
                     if num_chunks == 0:
                         result.ttft = now - start
                     else:
@@ -76,7 +78,7 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
     result.prompt_tokens = result.prompt_tokens or len(prompt.token_ids)
     result.ok = num_chunks > 0
     if not result.ok:
-        result.error = "no text in the stream"
+        result.error = "no tokens in the stream"
     return result
 
 

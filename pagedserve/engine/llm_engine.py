@@ -16,7 +16,7 @@ from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
-from pagedserve.loader.checkpoint import Checkpoint, open_checkpoint
+from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from pagedserve.platform import Platform
 from pagedserve.sampling_params import OutputKind, SamplingParams
@@ -79,7 +79,9 @@ class LLMEngine:
                                    config.max_num_batched_tokens
                                    or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048),
                                    self.max_model_len)
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+        # generation_config.json may list more end ids than config.json (Llama 3's <|eot_id|>).
+        self.eos_token_ids = (frozenset(self.model_config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+                              | _as_id_set(self.generation_defaults.get("eos_token_id")))
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
@@ -88,7 +90,7 @@ class LLMEngine:
             "Loaded %s (%s, %.1fM parameters, %.0f MiB) on %s as %s in %.1fs; KV cache: %d blocks x %d tokens = "
             "%d tokens, %.0f MiB; max_model_len %d", config.model, self.model_config.architecture,
             self.runner.num_parameters / 1e6, self.runner.num_parameter_bytes / 2**20,
-            self.platform.device, str(self.platform.dtype).removeprefix("torch."), self.load_seconds, num_blocks,
+            self.platform.describe(), str(self.platform.dtype).removeprefix("torch."), self.load_seconds, num_blocks,
             config.block_size, num_blocks * config.block_size,
             num_blocks * self.runner.kv_bytes_per_block(config.block_size) / 2**20, self.max_model_len)
 
@@ -176,9 +178,12 @@ class LLMEngine:
             request = self._requests[seq.request_id]
             touched[request.request_id] = request
             self.num_generation_tokens_total += 1
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            request.metrics.last_token_time = now
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
+                metrics.token_gaps.append(now - metrics.last_token_time)
+            metrics.last_token_time = now
             token_logprobs = runner_output.logprobs.get(seq.seq_id)
             if token_logprobs is not None:
                 seq.cumulative_logprob += token_logprobs.logprob
@@ -292,6 +297,12 @@ class LLMEngine:
                            capacity, self.max_model_len, capacity)
             self.max_model_len = capacity
         return num_blocks
+
+
+def _as_id_set(ids: int | list[int] | None) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    return frozenset([ids] if isinstance(ids, int) else ids)
 
 
 def _tokenizer_eos(tokenizer) -> frozenset[int]:

@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.config import ModelConfig
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers import ops
 from pagedserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, forward_context
