@@ -25,6 +25,7 @@ from pagedserve.loader import (
     read_gguf,
     resolve_model,
 )
+from tests.tiny_gguf import add_model_metadata, gguf_tensors
 
 TEXTS = ["Hello world", " leading space", "你好，世界！今天天气很好。", "emoji 🤗🎉 ok",
          "<|im_start|>user\nhi<|im_end|>", "  two  spaces\n\nnew\tlines", "def f(x):\n    return x ** 2\n"]
@@ -59,51 +60,15 @@ def _tiny_hf_model(architecture: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def _llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    # convert_hf_to_gguf.py's LlamaModel.permute: interleave each head's rotary halves
-    return (weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
-
-
 def _write_gguf(path: Path, model, architecture: str, ggml_type=gguf.GGMLQuantizationType.F32,
                 split_max_tensors: int = 0, extra_tensors: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write `model` as llama.cpp's converter would; the tensor names come from gguf's own HF->GGUF map."""
-    config = model.config
-    model_arch = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
-    name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     writer = gguf.GGUFWriter(path, architecture, split_max_tensors=split_max_tensors)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    add_model_metadata(writer, model.config, architecture)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    if architecture == "gemma3":
-        writer.add_sliding_window(config.sliding_window)
-        writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
-    else:
-        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    if architecture in ("gemma3", "qwen3"):
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    else:
-        writer.add_rope_dimension_count(getattr(config, "head_dim", None)
-                                        or config.hidden_size // config.num_attention_heads)
     tensors = dict(extra_tensors or {})
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        module, kind = name.rsplit(".", 1)
-        array = tensor.numpy().astype(np.float32)
-        if architecture == "llama" and module.endswith(("q_proj", "k_proj")):
-            heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
-            array = _llama_cpp_permute(array, heads)
-        if architecture == "gemma3" and "norm" in module:
-            array = array + 1  # llama.cpp stores Gemma's (1 + w) norm scale
-        tensors[f"{name_map.get_name(module)}.{kind}"] = array
+    tensors.update(gguf_tensors(model, architecture))
     for name, array in tensors.items():
         if ggml_type != gguf.GGMLQuantizationType.F32 and array.ndim == 2:
             writer.add_tensor(name, gguf.quants.quantize(array, ggml_type), raw_dtype=ggml_type)

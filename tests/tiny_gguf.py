@@ -18,10 +18,23 @@ def write_tiny_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
     """One float32 GGUF of `model` (llama or gemma3) with `tokenizer` in its metadata."""
     config = model.config
     writer = gguf.GGUFWriter(path, architecture)
-    _add_model_metadata(writer, config, architecture)
+    add_model_metadata(writer, config, architecture)
     _add_tokenizer(writer, tokenizer)
+    for name, array in gguf_tensors(model, architecture).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_tensors(model, architecture: str) -> dict[str, np.ndarray]:
+    """`model`'s weights under llama.cpp's tensor names, float32, transformed as its converter does."""
+    config = model.config
     model_arch = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
     name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -32,15 +45,11 @@ def write_tiny_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
             array = llama_cpp_permute(array, heads)
         if architecture == "gemma3" and module.endswith("norm"):
             array = array + 1  # llama.cpp stores Gemma's (1 + w) norm scale
-        writer.add_tensor(f"{name_map.get_name(module)}.{kind}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        tensors[f"{name_map.get_name(module)}.{kind}"] = array
+    return tensors
 
 
-def _add_model_metadata(writer: gguf.GGUFWriter, config, architecture: str) -> None:
+def add_model_metadata(writer: gguf.GGUFWriter, config, architecture: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -51,7 +60,11 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config, architecture: str) -> N
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if architecture != "gemma3":
         writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-        writer.add_rope_dimension_count(head_dim)
+        if architecture == "qwen3":   # head_dim is not hidden_size / heads: llama.cpp writes key/value lengths
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        else:
+            writer.add_rope_dimension_count(head_dim)
         return
     rope = config.rope_parameters["full_attention"]
     writer.add_rope_freq_base(rope["rope_theta"])
