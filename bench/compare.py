@@ -104,7 +104,6 @@ def bench_one(name: str, command: list[str], args: argparse.Namespace, tokenizer
                                                              "errors")}
             print(json.dumps(row[concurrency]), flush=True)
         row["peak_rss_gib"] = sampler.peak / 2**30
-        row["started_to_ready_s"] = row["ready_s"]
     finally:
         sampler.stopped.set()
         os.killpg(process.pid, signal.SIGINT)

@@ -216,6 +216,13 @@ def _string_list(name: str, value: Any) -> tuple[str, ...]:
     return tuple(strings)
 
 
+def token_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    """An id-or-ids setting (eos_token_id in config.json, generation_config.json, a tokenizer) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture of a checkpoint, normalised from its transformers config."""
@@ -268,8 +275,7 @@ class ModelConfig:
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         num_layers = hf_config.num_hidden_layers
         rope_theta, rope_scaling, local_rope_theta = _rope_settings(hf_config)
-        eos = hf_config.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        eos_ids = token_ids(hf_config.eos_token_id)
         dtype = getattr(hf_config, "dtype", None)
         return cls(
             architecture=architecture,

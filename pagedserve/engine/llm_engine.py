@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence as SequenceOf
 from tqdm.auto import tqdm
 
 from pagedserve.chat_template import render_chat_prompt
-from pagedserve.config import DEFAULT_MODEL, EngineConfig, ModelConfig
+from pagedserve.config import DEFAULT_MODEL, EngineConfig, ModelConfig, token_ids
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -80,8 +80,8 @@ class LLMEngine:
                                    or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048),
                                    self.max_model_len)
         # generation_config.json may list more end ids than config.json (Llama 3's <|eot_id|>).
-        self.eos_token_ids = (frozenset(self.model_config.eos_token_ids) | _tokenizer_eos(self.tokenizer)
-                              | _as_id_set(self.generation_defaults.get("eos_token_id")))
+        self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
+                                        *token_ids(self.generation_defaults.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
@@ -297,17 +297,6 @@ class LLMEngine:
                            capacity, self.max_model_len, capacity)
             self.max_model_len = capacity
         return num_blocks
-
-
-def _as_id_set(ids: int | list[int] | None) -> frozenset[int]:
-    if ids is None:
-        return frozenset()
-    return frozenset([ids] if isinstance(ids, int) else ids)
-
-
-def _tokenizer_eos(tokenizer) -> frozenset[int]:
-    eos = tokenizer.eos_token_id
-    return frozenset() if eos is None else frozenset([eos])
 
 
 class LLM:
