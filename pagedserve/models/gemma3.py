@@ -27,7 +27,7 @@ from pagedserve.layers.attention import Attention
 from pagedserve.layers.linear import Linear, VocabEmbedding
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
-from pagedserve.models.llama import LlamaMLP
+from pagedserve.models.llama import PACKED_MODULES, LlamaMLP, output_head
 
 # Gemma 3's default base for the sliding layers, when a config names none.
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
@@ -116,20 +116,13 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    # checkpoint module name -> (our fused module, shard)
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
-    }
+    packed_modules = PACKED_MODULES
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma3Model(config)
-        if config.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.lm_head = output_head(config, self.model.embed_tokens)
         self.final_logit_softcap = config.final_logit_softcapping
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -107,21 +107,26 @@ def fused_decode_layer(layer: LlamaDecoderLayer) -> ops.FusedDecodeLayer | None:
                                 q_norm, k_norm, attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
+# checkpoint module name -> (our fused module, shard); every family here fuses these projections.
+PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+
+
+def output_head(config: ModelConfig, embed_tokens: VocabEmbedding) -> VocabEmbedding:
+    """The output projection: the token embedding itself when the checkpoint ties them."""
+    return embed_tokens if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
+
+
 class LlamaForCausalLM(nn.Module):
-    # checkpoint module name -> (our fused module, shard)
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
-    }
+    packed_modules = PACKED_MODULES
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        if config.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.lm_head = output_head(config, self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
