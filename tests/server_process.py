@@ -9,7 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -39,6 +41,15 @@ class ServerProcess:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self._env,
                                             cwd=Path(__file__).parent.parent)
         return self
+
+    @contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        """Started and ready inside the block; stopped after it, also when it never became ready."""
+        self.start()
+        try:
+            yield self.wait_ready()
+        finally:
+            self.stop()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> ServerProcess:
         deadline = time.monotonic() + timeout

@@ -35,10 +35,9 @@ def test_random_prompts_are_reproducible_by_seed_and_differ_across_seeds():
 
 @pytest.fixture(scope="module")
 def server():
-    process = ServerProcess(["smollm2-135m-instruct", "--served-model-name", "bench-model",
-                             "--disable-log-requests"]).start().wait_ready()
-    yield process
-    process.stop()
+    with ServerProcess(["smollm2-135m-instruct", "--served-model-name", "bench-model",
+                        "--disable-log-requests"]).running() as process:
+        yield process
 
 
 def test_bench_serve_reports_throughput_and_latencies(server, tmp_path):

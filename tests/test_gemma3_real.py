@@ -71,8 +71,7 @@ def test_served_base_model_completes_and_refuses_chat_clearly(gemma3_llm):
     prompt = "The capital of France is"
     offline = gemma3_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
 
-    server = ServerProcess(["gemma3-270m", "--disable-log-requests", "--num-kv-blocks", "64"]).start().wait_ready()
-    try:
+    with ServerProcess(["gemma3-270m", "--disable-log-requests", "--num-kv-blocks", "64"]).running() as server:
         completion = httpx.post(server.base_url + "/v1/completions", timeout=120,
                                 json={"model": "gemma3-270m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
         assert completion.status_code == 200, completion.text
@@ -81,5 +80,3 @@ def test_served_base_model_completes_and_refuses_chat_clearly(gemma3_llm):
                           json={"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hello"}]})
         assert chat.status_code == 400
         assert "no chat template" in chat.json()["error"]["message"]
-    finally:
-        server.stop()

@@ -41,12 +41,9 @@ def models_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    process = ServerProcess([SMOL, "--models-dir", str(models_dir), "--max-model-len", "4096",
-                             "--kv-cache-space", "0.25"]).start()
-    try:
-        yield process.wait_ready()
-    finally:
-        process.stop()
+    with ServerProcess([SMOL, "--models-dir", str(models_dir), "--max-model-len", "4096",
+                        "--kv-cache-space", "0.25"]).running() as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,9 @@ ABORTED = f'vllm:request_success_total{{finished_reason="abort",model_name="{NAM
 
 @pytest.fixture(scope="module")
 def server():
-    process = ServerProcess([NAME, "--max-model-len", "4096", "--kv-cache-space", "0.25", "--log-stats-interval",
-                             "1"]).start()
-    try:
-        yield process.wait_ready()
-    finally:
-        process.stop()
+    with ServerProcess([NAME, "--max-model-len", "4096", "--kv-cache-space", "0.25", "--log-stats-interval",
+                        "1"]).running() as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,11 @@ ABORTED = 'vllm:request_success_total{finished_reason="abort",model_name="smollm
 
 @pytest.fixture(scope="module")
 def server():
-    process = ServerProcess([
+    with ServerProcess([
         "smollm2-135m-instruct", "--served-model-name", *NAMES, "--tensor-parallel-size", "4", "--dtype", "float16",
         "--max-model-len", "128000", "--kv-cache-space", "0.5", "--max-request-body-bytes", "1M",
-        "--log-stats-interval", "1"]).start()
-    try:
-        yield process.wait_ready()
-    finally:
-        process.stop()
+        "--log-stats-interval", "1"]).running() as process:
+        yield process
 
 
 # From the guides, as written (this server has no API key); "MODEL" is one of its served names.

@@ -31,15 +31,12 @@ def server():
     # The first command line of ../shared/seed-requests.md, as written (MODEL: the embedded SmolLM2), plus
     # a second key, a reasoning parser, a cap on answers that give no max_tokens (the guide's first call
     # gives none, and this machine is slow), and a short shutdown grace for the SIGTERM test.
-    process = ServerProcess([
+    with ServerProcess([
         "smollm2-135m-instruct", "--served_model_name", NAME, "--max_model_len", "2048",
         "--tensor-parallel-size", "1", "--dtype=half", "--gpu-memory-utilization=0.9", "--api_key", KEYS[0],
         "--api-key", KEYS[1], "--reasoning-parser", "qwen3", "--override-generation-config",
-        '{"max_new_tokens": 48}', "--shutdown-timeout", "2", "--kv-cache-space", "0.25"]).start()
-    try:
-        yield process.wait_ready()
-    finally:
-        process.stop()
+        '{"max_new_tokens": 48}', "--shutdown-timeout", "2", "--kv-cache-space", "0.25"]).running() as process:
+        yield process
 
 
 def curl(*args: str) -> tuple[int, str]:
