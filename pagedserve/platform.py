@@ -44,9 +44,11 @@ class Platform:
         return f"cpu ({threads}, OpenMP wait {policy})"
 
     @classmethod
-    def resolve(cls, config: EngineConfig, checkpoint_dtype: str | None) -> Platform:
+    def resolve(cls, config: EngineConfig, checkpoint_dtype: str | None, is_quantized: bool = False) -> Platform:
+        """`is_quantized`: the checkpoint holds quantized blocks (a GGUF), which the CPU kernels keep
+        packed and multiply with float32 activations."""
         device = _resolve_device(config.device)
-        dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device)
+        dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device, is_quantized and not config.enforce_eager)
         num_threads = config.num_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
         use_kernels = False
         if device.type == "cpu":
@@ -92,9 +94,12 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device, is_packed: bool) -> torch.dtype:
     if device.type == "cpu":
-        fast_bf16 = cpu_has_fast_bf16()
+        # NOTE: packed quantized weights are multiplied with float32 activations by the CPU kernels;
+        # bfloat16 would turn the kernels off and dequantize every weight (slower, and greedy outputs
+        # would then depend on how a prompt was chunked).
+        fast_bf16 = cpu_has_fast_bf16() and not is_packed
         if name == "auto":
             return torch.bfloat16 if fast_bf16 else torch.float32
         if name in ("half", "float16"):

@@ -68,7 +68,8 @@ class LLMEngine:
         self.model_config: ModelConfig = checkpoint.model_config
         self.tokenizer = checkpoint.tokenizer
         self.generation_defaults: dict[str, Any] = checkpoint.generation_defaults
-        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype)
+        is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
+        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
                                   checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
         self.max_model_len = self._resolve_max_model_len()
