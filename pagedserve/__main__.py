@@ -1,4 +1,4 @@
-from pagedserve.cli import main
+from pagedserve.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from pagedserve.cli import ACCEPTED_FLAGS, serve_configs
+from pagedserve.cli.main import serve_configs
+from pagedserve.cli.options import ACCEPTED_FLAGS
 
 NO_ENV: dict[str, str] = {}
 

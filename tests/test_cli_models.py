@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.cli import build_parser, gather_options, serve_configs, serve_model_names
+from pagedserve.cli.main import build_parser, serve_configs
+from pagedserve.cli.options import gather_options, serve_model_names
 
 # The seed-requests Modelfile's shape (a Go TEMPLATE, num_ctx, temperature), FROM a checkpoint beside it.
 MODELFILE = '''FROM ./tiny

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.chat_template import render_chat_prompt
+from pagedserve.loader.chat_template import render_chat_prompt
 from pagedserve.config import ModelConfig
 from pagedserve.loader import load_hf_config
-from pagedserve.models import MODEL_REGISTRY
+from pagedserve.models.registry import MODEL_REGISTRY
 from tests.conftest import build_tokenizer, save_tiny_checkpoint
 from tests.parity import PROMPTS, check_parity
 from tests.tiny_gguf import write_tiny_gguf

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedserve import LLM
-from pagedserve.chat_template import NoChatTemplateError
+from pagedserve.loader.chat_template import NoChatTemplateError
 from pagedserve.config import ModelConfig
 from pagedserve.loader import resolve_model
 from tests.parity import check_parity

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from prometheus_client import generate_latest
 
 from pagedserve.engine.llm_engine import EngineStats
-from pagedserve.metrics import EngineMetrics
+from pagedserve.server.metrics import EngineMetrics
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
@@ -96,10 +96,10 @@ def test_exposition_uses_vllm_names_and_each_app_has_its_own_registry():
 
 def test_the_periodic_line_while_busy_and_quiet_when_idle(caplog, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("pagedserve.metrics.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("pagedserve.server.metrics.time.monotonic", lambda: clock[0])
     metrics = EngineMetrics("m", log_interval=10.0)
     engine = FakeEngine(stats())
-    with caplog.at_level(logging.INFO, logger="pagedserve.metrics"):
+    with caplog.at_level(logging.INFO, logger="pagedserve.server.metrics"):
         clock[0] += 10
         engine.current = stats(num_running=1, num_waiting=2, kv_cache_usage=0.5, num_prompt_tokens=100,
                                num_generation_tokens=50, num_prefix_cache_queries=200, num_prefix_cache_hits=50)

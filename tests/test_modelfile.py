@@ -8,13 +8,13 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pagedserve.config import EngineConfig
-from pagedserve.duration import format_duration, parse_duration
-from pagedserve.go_template import is_go_template, translate_go_template
-from pagedserve.model_defaults import ModelDefaults
-from pagedserve.model_store import (ModelManifest, create_model, default_model_name, find_manifest, list_manifests,
+from pagedserve.config.duration import format_duration, parse_duration
+from pagedserve.store.go_template import is_go_template, translate_go_template
+from pagedserve.store.defaults import ModelDefaults
+from pagedserve.store.models_dir import (ModelManifest, create_model, default_model_name, find_manifest, list_manifests,
                                     models_dir, remove_manifest, resolve_named_model)
-from pagedserve.modelfile import parse_modelfile
-from pagedserve.server.ollama_protocol import sampling_params
+from pagedserve.store.modelfile import parse_modelfile
+from pagedserve.server.ollama.protocol import sampling_params
 
 # The Modelfile of ../shared/seed-requests.md, as people write it.
 SEED_MODELFILE = '''FROM /data/models/DeepSeek-R1-Q4_K_M.gguf

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.model_store import create_model
+from pagedserve.store.models_dir import create_model
 from pagedserve.server.app import create_app
 from tests.server_process import ServerProcess
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from pagedserve.chat_backends import AnswerPiece, AnswerTimings
-from pagedserve.terminal_chat import (AnswerPrinter, ChatSession, go_duration, handle_command, read_message,
+from pagedserve.cli.chat_backends import AnswerPiece, AnswerTimings
+from pagedserve.cli.chat import (AnswerPrinter, ChatSession, go_duration, handle_command, read_message,
                                       timing_lines)
 from tests.chat_server import API_KEY
 

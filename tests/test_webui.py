@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from pagedserve.cli import serve_configs
+from pagedserve.cli.main import serve_configs
 from pagedserve.config import EngineConfig, ServerConfig
 from pagedserve.server.app import create_app
 from pagedserve.server.webui import prefers_html

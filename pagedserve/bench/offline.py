@@ -18,7 +18,7 @@ from pagedserve.sampling_params import SamplingParams
 
 def pagedserve_throughput(config: EngineConfig, prompts: list[BenchPrompt]) -> dict[str, Any]:
     """All prompts at once through the engine; greedy, EOS ignored so every request runs its full length."""
-    from pagedserve.engine.llm_engine import LLM
+    from pagedserve.engine.llm import LLM
 
     llm = LLM(**vars(config))
     params = [SamplingParams(temperature=0.0, max_tokens=p.output_len, ignore_eos=True) for p in prompts]
@@ -51,7 +51,7 @@ def hf_throughput(config: EngineConfig, prompts: list[BenchPrompt], batch_size: 
 
 def pagedserve_latency(config: EngineConfig, prompts: list[BenchPrompt], iterations: int) -> dict[str, Any]:
     """One batch (all prompts) end to end, `iterations` times after a warm-up."""
-    from pagedserve.engine.llm_engine import LLM
+    from pagedserve.engine.llm import LLM
 
     llm = LLM(**vars(config))
     params = SamplingParams(temperature=0.0, max_tokens=prompts[0].output_len, ignore_eos=True)
@@ -81,7 +81,7 @@ def _hf_model(config: EngineConfig):
     from transformers import AutoModelForCausalLM
 
     from pagedserve.loader.source import resolve_model
-    from pagedserve.platform import Platform
+    from pagedserve.engine.platform import Platform
 
     source = resolve_model(config.model, config.revision, config.download_dir)
     platform = Platform.resolve(config.replace(enforce_eager=True), None)

@@ -1,15 +1,12 @@
-"""The engine (add_request / abort_request / step) and the offline `LLM` API built on it."""
+"""The engine: add_request / abort_request / step, on one thread."""
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence as SequenceOf
+from typing import Any, Iterable
 
-from tqdm.auto import tqdm
-
-from pagedserve.chat_template import render_chat_prompt
-from pagedserve.config import DEFAULT_MODEL, EngineConfig, ModelConfig, token_ids
+from pagedserve.config import EngineConfig, ModelConfig, token_ids
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -18,7 +15,7 @@ from pagedserve.engine.sequence import Sequence, SequenceStatus
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from pagedserve.platform import Platform
+from pagedserve.engine.platform import Platform
 from pagedserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -298,74 +295,3 @@ class LLMEngine:
                            capacity, self.max_model_len, capacity)
             self.max_model_len = capacity
         return num_blocks
-
-
-class LLM:
-    """Offline generation: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
-
-    def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
-        """`model`: also the name of a model made with `pagedserve create`, whose PARAMETERs become the
-        default sampling params and whose SYSTEM starts each chat."""
-        from pagedserve.model_store import resolve_named_model
-
-        config, self.model_defaults = resolve_named_model(EngineConfig(model=model, **engine_args))
-        self.engine = LLMEngine(config)
-        self._next_id = 0
-
-    def get_tokenizer(self):
-        return self.engine.tokenizer
-
-    def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if sampling_params is None:
-            sampling_params = self.model_defaults.sampling_params()
-        params_list = _params_per_prompt(sampling_params, len(prompts))
-        request_ids = []
-        for prompt, params in zip(prompts, params_list):
-            request_id = str(self._next_id)
-            self._next_id += 1
-            self.engine.add_request(request_id, prompt, params.replace(output_kind=OutputKind.FINAL_ONLY))
-            request_ids.append(request_id)
-        return self._run(request_ids, use_tqdm)
-
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conversation in conversations:
-            conversation = self.model_defaults.chat_messages(conversation)
-            text = render_chat_prompt(self.engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
-                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
-            prompts.append(self.engine.tokenizer.encode(text, add_special_tokens=False))
-        return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        results: dict[str, RequestOutput] = {}
-        progress = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
-        try:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
-                    if output.finished:
-                        results[output.request_id] = output
-                        progress.update(1)
-        except BaseException:
-            self.engine.abort_request(request_ids)
-            raise
-        finally:
-            progress.close()
-        return [results[request_id] for request_id in request_ids]
-
-
-def _params_per_prompt(params: SamplingParams | SequenceOf[SamplingParams] | None, count: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
-    if isinstance(params, SamplingParams):
-        return [params] * count
-    if len(params) != count:
-        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
-    return list(params)

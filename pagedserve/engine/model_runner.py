@@ -12,11 +12,13 @@ from torch import nn
 from pagedserve.config import ModelConfig
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers import ops
-from pagedserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, forward_context
+from pagedserve.layers.attention import Attention
+from pagedserve.layers.forward_context import AttentionMetadata, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
-from pagedserve.models import load_weights, model_class
-from pagedserve.platform import Platform
+from pagedserve.models.loading import load_weights
+from pagedserve.models.registry import model_class
+from pagedserve.engine.platform import Platform
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.loader.download import pagedserve_cache_dir
+from pagedserve.config.paths import pagedserve_cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Fetching checkpoints from a model hub, and where pagedserve keeps its own caches.
+"""Fetching checkpoints from a model hub.
 
 Hugging Face is the default hub; ModelScope is used instead when `PAGEDSERVE_USE_MODELSCOPE` (or
 vLLM's `VLLM_USE_MODELSCOPE`) is true. `HF_HUB_OFFLINE`, `HF_ENDPOINT` and `HF_HUB_CACHE` work as
@@ -26,19 +26,6 @@ def use_modelscope() -> bool:
     """Whether downloads go to ModelScope instead of the Hugging Face hub."""
     return any(os.environ.get(name, "").strip().lower() in _TRUE_STRINGS
                for name in ("PAGEDSERVE_USE_MODELSCOPE", "VLLM_USE_MODELSCOPE"))
-
-
-def pagedserve_cache_dir() -> Path:
-    """Root of pagedserve's own caches.
-
-    $PAGEDSERVE_CACHE_DIR if set, else $XDG_CACHE_HOME/pagedserve, else ~/.cache/pagedserve. The one
-    place these variables are read.
-    """
-    if explicit := os.environ.get("PAGEDSERVE_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "pagedserve"
 
 
 def download_repo(repo_id: str, revision: str | None = None, download_dir: str | None = None,

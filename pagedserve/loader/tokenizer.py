@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pagedserve.loader.download import TOKENIZER_FILE_PATTERNS, download_repo, pagedserve_cache_dir
+from pagedserve.config.paths import pagedserve_cache_dir
+from pagedserve.loader.download import TOKENIZER_FILE_PATTERNS, download_repo
 from pagedserve.loader.source import MODEL_ALIASES, ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 from pagedserve.config import ModelConfig
-from pagedserve.layers import ops
-from pagedserve.layers.activation import SiluAndMul, gated_activation
-from pagedserve.layers.attention import Attention, get_forward_context
+from pagedserve.layers.activation import gated_activation
+from pagedserve.layers.attention import Attention
+from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.linear import Linear, VocabEmbedding
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
+from pagedserve.models.llama_fused import FusedDecodeLayer, fused_decode_layer
 
 
 class LlamaAttention(nn.Module):
@@ -61,7 +62,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
-        self.fused_decode: ops.FusedDecodeLayer | None = None   # set by the runner once weights are loaded
+        self.fused_decode: FusedDecodeLayer | None = None   # set by the runner once weights are loaded
 
     def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,18 +94,6 @@ class LlamaModel(nn.Module):
             hidden_states, residual = layer(cos_sin, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
-
-
-def fused_decode_layer(layer: LlamaDecoderLayer) -> ops.FusedDecodeLayer | None:
-    """The layer as one C++ call for decode-only steps, when its weights and activation allow it."""
-    attn, mlp = layer.self_attn, layer.mlp
-    projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if not isinstance(mlp.act, SiluAndMul) or any(p.packed is None for p in projections):
-        return None
-    q_norm = attn.q_norm.weight if attn.qk_norm else None
-    k_norm = attn.k_norm.weight if attn.qk_norm else None
-    return ops.FusedDecodeLayer(layer.input_layernorm, layer.post_attention_layernorm, projections,
-                                q_norm, k_norm, attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
 # checkpoint module name -> (our fused module, shard); every family here fuses these projections.

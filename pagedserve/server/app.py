@@ -13,7 +13,10 @@ from starlette.responses import JSONResponse, Response
 
 from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.server import ollama, openai, webui
+from pagedserve.server import webui
+from pagedserve.server.api import server_state
+from pagedserve.server.ollama import routes as ollama_routes
+from pagedserve.server.openai import routes as openai_routes
 from pagedserve.server.errors import error_body, install_error_handlers
 from pagedserve.server.state import ServerState
 
@@ -23,7 +26,7 @@ open_router = APIRouter()
 @open_router.get("/health")
 async def health(request: Request) -> Response:
     """200 once the models loaded at start-up are ready; 503 while loading or shutting down; 500 if broken."""
-    status, reason = openai.server_state(request).health()
+    status, reason = server_state(request).health()
     if status == HTTPStatus.OK:
         return Response(status_code=HTTPStatus.OK)
     return JSONResponse(error_body(reason, status), status_code=status)
@@ -36,7 +39,7 @@ async def version() -> JSONResponse:
 
 @open_router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    registry = openai.server_state(request).families.registry
+    registry = server_state(request).families.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -62,8 +65,8 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig,
                        allow_methods=list(server_config.allowed_methods),
                        allow_headers=list(server_config.allowed_headers))
     app.include_router(open_router)
-    app.include_router(openai.router)
-    app.include_router(ollama.open_router)
-    app.include_router(ollama.router)
+    app.include_router(openai_routes.router)
+    app.include_router(ollama_routes.open_router)
+    app.include_router(ollama_routes.router)
     app.include_router(webui.build_router(server_config.enable_webui))
     return app

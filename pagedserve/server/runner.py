@@ -12,7 +12,7 @@ import uvicorn
 
 from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.duration import format_duration
+from pagedserve.config.duration import format_duration
 from pagedserve.server.app import create_app
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState

@@ -20,10 +20,10 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable
 
-from pagedserve.chat_template import render_chat_prompt
+from pagedserve.loader.chat_template import render_chat_prompt
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.metrics import EngineMetrics, MetricFamilies
-from pagedserve.model_store import find_manifest, models_dir, resolve_named_model
+from pagedserve.server.metrics import EngineMetrics, MetricFamilies
+from pagedserve.store.models_dir import find_manifest, models_dir, resolve_named_model
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 
@@ -189,7 +189,7 @@ class ServedModel:
         """The checkpoint's ModelDetails, read from its files' headers once; None for a hub model."""
         if self.details is None and _is_local(self.engine_config.model):
             from pagedserve.loader.source import resolve_model
-            from pagedserve.model_info import describe
+            from pagedserve.loader.model_info import describe
 
             try:
                 self.details = await asyncio.to_thread(lambda: describe(resolve_model(self.engine_config.model)))

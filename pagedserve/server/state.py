@@ -18,9 +18,9 @@ from typing import Any, Awaitable, Callable, Sequence
 from starlette.responses import Response
 
 from pagedserve.config import EngineConfig, ServerConfig
-from pagedserve.duration import parse_duration
-from pagedserve.metrics import MetricFamilies
-from pagedserve.model_store import default_model_name, list_manifests, models_dir
+from pagedserve.config.duration import parse_duration
+from pagedserve.server.metrics import MetricFamilies
+from pagedserve.store.models_dir import default_model_name, list_manifests, models_dir
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError

@@ -58,7 +58,7 @@ class EngineChat:
         """`engine_config.model` may name a created model: its SYSTEM and PARAMETERs then apply."""
         from pagedserve.engine.async_engine import AsyncEngine
         from pagedserve.engine.llm_engine import LLMEngine
-        from pagedserve.model_store import resolve_named_model
+        from pagedserve.store.models_dir import resolve_named_model
 
         self.model_name = engine_config.model
         config, self._model_defaults = resolve_named_model(engine_config)
@@ -66,7 +66,7 @@ class EngineChat:
         self._async_engine = AsyncEngine(self.engine)
 
     async def stream(self, messages: list[dict[str, str]], options: dict[str, Any]) -> AsyncIterator[AnswerPiece]:
-        from pagedserve.chat_template import render_chat_prompt
+        from pagedserve.loader.chat_template import render_chat_prompt
 
         started = time.time()
         tokenizer = self.engine.tokenizer

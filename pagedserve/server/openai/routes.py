@@ -1,51 +1,20 @@
 """The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, and vLLM's
-/tokenize and /detokenize. All of them sit behind the API key check.
-
-Bodies are read and validated here rather than by FastAPI, so that the key is checked before the
-body is read, a body over the size limit is refused while it arrives, and every malformed body is
-a 400 in OpenAI's error shape (FastAPI would answer 422 in its own).
-"""
+/tokenize and /detokenize. All of them sit behind the API key check."""
 from __future__ import annotations
 
-import hmac
-import json
 import time
 from http import HTTPStatus
-from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from pagedserve.server.chat import create_chat_completion
-from pagedserve.server.completions import create_completion
-from pagedserve.server.errors import APIError, validation_message
-from pagedserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedserve.server.api import read_body, server_state, verify_api_key
+from pagedserve.server.errors import APIError
+from pagedserve.server.openai.chat import create_chat_completion
+from pagedserve.server.openai.completions import create_completion
+from pagedserve.server.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-async def verify_api_key(request: Request) -> None:
-    """401 unless the request carries one of the server's keys (`Authorization: Bearer KEY`, or `x-api-key`)."""
-    keys = server_state(request).server_config.api_key
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        token = request.headers.get("x-api-key", "")
-    given = token.strip().encode()
-    # NOTE: compare against every key, so the time taken does not tell which key came close.
-    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
-    if not any(matches):
-        raise APIError("Invalid or missing API key; send it as 'Authorization: Bearer <key>'.",
-                       HTTPStatus.UNAUTHORIZED)
-
 
 router = APIRouter(dependencies=[Depends(verify_api_key)])
 
@@ -127,41 +96,3 @@ def find_model(state: ServerState, name: str | None) -> ServedModel:
     if model is None:
         raise APIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND, "model", "NotFoundError")
     return model
-
-
-async def read_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as `model`: 413 over the size limit, 400 when it is not valid JSON or not valid."""
-    data = _parse_json(await _read_limited(request, server_state(request).server_config.max_request_body_bytes))
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        message, param = validation_message(error.errors(include_url=False))
-        raise APIError(message, HTTPStatus.BAD_REQUEST, param) from None
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    too_large = APIError(f"the request body is larger than the limit of {limit} bytes (--max-request-body-bytes)",
-                         HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_json(raw: bytes) -> Any:
-    if not raw.strip():
-        raise APIError("missing request body", HTTPStatus.BAD_REQUEST)
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
-        raise APIError(f"the request body is not valid JSON: {error}", HTTPStatus.BAD_REQUEST) from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")

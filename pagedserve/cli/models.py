@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pagedserve.model_info import human_bytes, human_number
-from pagedserve.model_store import (check_name, create_model, find_manifest, list_manifests, models_dir,
+from pagedserve.loader.model_info import human_bytes, human_number
+from pagedserve.store.models_dir import (check_name, create_model, find_manifest, list_manifests, models_dir,
                                     remove_manifest, resolve_named_model)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -100,7 +100,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from pagedserve.config import EngineConfig
-    from pagedserve.modelfile import Modelfile
+    from pagedserve.store.modelfile import Modelfile
 
     manifest = find_manifest(args.model, models_dir(args.models_dir))
     config, defaults = resolve_named_model(EngineConfig(model=args.model, models_dir=args.models_dir))
@@ -111,7 +111,7 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     from pagedserve.loader.source import resolve_model
     from pagedserve.loader.tokenizer import read_chat_template
-    from pagedserve.model_info import describe
+    from pagedserve.loader.model_info import describe
 
     details = describe(resolve_model(config.model))
     template = modelfile.template or (read_chat_template(config.chat_template) if config.chat_template
@@ -173,7 +173,7 @@ def _get(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pagedserve.chat_backends import ChatError
+    from pagedserve.cli.chat_backends import ChatError
 
     prompt = " ".join(args.prompt) if args.prompt else (sys.stdin.read() if not sys.stdin.isatty() else "")
     if not prompt.strip():
@@ -185,15 +185,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _answer(args: argparse.Namespace, prompt: str) -> int:
-    from pagedserve.chat_backends import EngineChat, ServerChat
-    from pagedserve.terminal_chat import timing_lines
+    from pagedserve.cli.chat_backends import EngineChat, ServerChat
+    from pagedserve.cli.chat import timing_lines
 
     messages, options = [{"role": "user", "content": prompt}], {}
     if args.url is not None:
         backend = ServerChat(args.url, args.server_api_key)
         await backend.connect(args.model_positional)
     else:
-        from pagedserve.cli import engine_config_from_options, gather_options
+        from pagedserve.cli.options import engine_config_from_options, gather_options
 
         backend = EngineChat(engine_config_from_options(gather_options(args)))
     try:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from pagedserve.chat_backends import AnswerPiece, AnswerTimings, ChatError
+from pagedserve.cli.chat_backends import AnswerPiece, AnswerTimings, ChatError
 
 logger = logging.getLogger(__name__)
 
@@ -285,9 +285,9 @@ def run_chat_command(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> Any:
     """The model loaded here, or the server at --url once it answered."""
-    from pagedserve.chat_backends import EngineChat, ServerChat
-    from pagedserve.cli import engine_config_from_options, gather_options
-    from pagedserve.cli_args import pick
+    from pagedserve.cli.chat_backends import EngineChat, ServerChat
+    from pagedserve.cli.options import engine_config_from_options, gather_options
+    from pagedserve.cli.flags import pick
     from pagedserve.config import EngineConfig
 
     options = gather_options(args)

@@ -11,8 +11,8 @@ from starlette.responses import Response
 from pagedserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import sse_error
-from pagedserve.server.logprobs import chat_logprobs, prompt_logprobs
-from pagedserve.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+from pagedserve.server.openai.logprobs import chat_logprobs, prompt_logprobs
+from pagedserve.server.openai.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatMessage, DeltaMessage, Usage, random_id)
 from pagedserve.server.reasoning import ReasoningParser, split_reasoning
 from pagedserve.server.served_model import ServedModel

@@ -1,5 +1,5 @@
-"""The Ollama API's model routes: /api/tags, /api/show, /api/ps and /api/pull (mounted by ollama.py,
-behind the API key). What they say about a model is read from its files' headers once (model_info.py).
+"""The Ollama API's model routes: /api/tags, /api/show, /api/ps and /api/pull (mounted by ollama/routes.py,
+behind the API key). What they say about a model is read from its files' headers once (loader/model_info.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.server.errors import APIError
-from pagedserve.server.ollama_protocol import OllamaBody, PullBody, ShowBody, expires_at, timestamp
-from pagedserve.server.openai import read_body, server_state
+from pagedserve.server.ollama.protocol import OllamaBody, PullBody, ShowBody, expires_at, timestamp
+from pagedserve.server.api import read_body, server_state
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 

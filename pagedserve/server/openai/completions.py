@@ -11,8 +11,8 @@ from starlette.responses import Response
 from pagedserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import sse_error
-from pagedserve.server.logprobs import completion_logprobs, prompt_logprobs
-from pagedserve.server.protocol import (CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse,
+from pagedserve.server.openai.logprobs import completion_logprobs, prompt_logprobs
+from pagedserve.server.openai.protocol import (CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse,
                                         Usage, random_id)
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState

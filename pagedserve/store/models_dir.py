@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Mapping
 
 from pagedserve.config import EngineConfig
-from pagedserve.go_template import is_go_template, translate_go_template
-from pagedserve.model_defaults import ModelDefaults
-from pagedserve.modelfile import Modelfile, parse_modelfile
+from pagedserve.store.go_template import is_go_template, translate_go_template
+from pagedserve.store.defaults import ModelDefaults
+from pagedserve.store.modelfile import Modelfile, parse_modelfile
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from pagedserve.duration import parse_duration
+from pagedserve.config.duration import parse_duration
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
 

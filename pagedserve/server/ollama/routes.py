@@ -1,10 +1,10 @@
 """The Ollama API on the same port as the OpenAI one: /api/version (open), /api/chat and /api/generate,
-and the model routes of ollama_models.py (/api/tags, /api/show, /api/ps, /api/pull), all behind the API
+and the model routes of ollama/models.py (/api/tags, /api/show, /api/ps, /api/pull), all behind the API
 key when one is set.
 
 Requests run the same engine path as the OpenAI routes (a held ServedModel, AsyncEngine.add_request,
 a tracker that aborts on disconnect). Streams are NDJSON, one object per line, the last with
-`done: true` and the counts and durations. Errors are Ollama's `{"error": "..."}` (see errors.py).
+`done: true` and the counts and durations. Errors are Ollama's `{"error": "..."}` (see server/errors.py).
 """
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from pagedserve.chat_template import NoChatTemplateError
-from pagedserve.go_template import is_go_template, translate_go_template
+from pagedserve.loader.chat_template import NoChatTemplateError
+from pagedserve.store.go_template import is_go_template, translate_go_template
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError, from_exception
-from pagedserve.server.ollama_models import find_model
-from pagedserve.server.ollama_models import router as models_router
-from pagedserve.server.ollama_protocol import ChatBody, GenerateBody, InferenceBody, done_fields, sampling_params, timestamp
-from pagedserve.server.openai import read_body, server_state, verify_api_key
-from pagedserve.server.protocol import random_id
+from pagedserve.server.ollama.models import find_model
+from pagedserve.server.ollama.models import router as models_router
+from pagedserve.server.ollama.protocol import ChatBody, GenerateBody, InferenceBody, done_fields, sampling_params, timestamp
+from pagedserve.server.api import read_body, server_state, verify_api_key
+from pagedserve.server.openai.protocol import random_id
 from pagedserve.server.reasoning import ReasoningParser
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState

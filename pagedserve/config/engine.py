@@ -1,0 +1,79 @@
+"""What a user chooses about the engine: `EngineConfig`, a frozen dataclass whose fields are the flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+OMP_WAIT_POLICIES = ("auto", "active", "passive")
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a user can set about the engine. Each field is a `pagedserve serve` flag."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, Hugging Face folder or repo id, or .gguf file"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or repo id (default: the model's)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision to download"})
+    download_dir: str | None = field(default=None, metadata={"help": "where hub downloads are cached"})
+    models_dir: str | None = field(
+        default=None, metadata={"help": "models made with `pagedserve create` (default: $PAGEDSERVE_MODELS or "
+                                        "~/.local/share/pagedserve/models); given to `serve`, serves them all"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": DTYPE_CHOICES})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    kv_cache_space: float | None = field(
+        default=None, metadata={"help": "KV cache size in GiB on CPU (default: 30%% of free memory, at most 0.75)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory to use (CUDA only)"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides sizing)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
+    max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one batch"})
+    max_num_batched_tokens: int | None = field(
+        default=None, metadata={"help": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)"})
+    seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "plain PyTorch ops only: no fused C++ decode kernels or packed quantized weights (slower; for debugging)"})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: physical cores)"})
+    omp_wait_policy: str = field(default="auto", metadata={
+        "choices": OMP_WAIT_POLICIES,
+        "help": "how idle OpenMP threads wait between ops: active spins (fastest on an otherwise idle machine), "
+                "passive sleeps (several times faster when other processes compete for the cores), auto leaves "
+                "the runtime's spin-then-sleep (about as fast as active when idle); applies at start-up only"})
+    chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template, as a file or a string"})
+    quantization: str | None = field(default=None, metadata={"help": "weight quantization method",
+                                                              "aliases": ("-q",)})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "tensor parallel ranks", "aliases": ("-tp",)})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
+                                                             "aliases": ("-pp",)})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kv_cache_space is not None and self.kv_cache_space <= 0:
+            raise ValueError(f"kv_cache_space must be positive GiB, got {self.kv_cache_space}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.omp_wait_policy not in OMP_WAIT_POLICIES:
+            raise ValueError(f"omp_wait_policy must be one of {', '.join(OMP_WAIT_POLICIES)}, "
+                             f"got {self.omp_wait_policy!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

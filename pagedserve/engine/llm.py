@@ -1,0 +1,83 @@
+"""The offline API: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
+from __future__ import annotations
+
+from typing import Any, Sequence as SequenceOf
+
+from tqdm.auto import tqdm
+
+from pagedserve.config import DEFAULT_MODEL, EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.loader.chat_template import render_chat_prompt
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import OutputKind, SamplingParams
+
+
+class LLM:
+    """Offline generation: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
+        """`model`: also the name of a model made with `pagedserve create`, whose PARAMETERs become the
+        default sampling params and whose SYSTEM starts each chat."""
+        from pagedserve.store.models_dir import resolve_named_model
+
+        config, self.model_defaults = resolve_named_model(EngineConfig(model=model, **engine_args))
+        self.engine = LLMEngine(config)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.model_defaults.sampling_params()
+        params_list = _params_per_prompt(sampling_params, len(prompts))
+        request_ids = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = str(self._next_id)
+            self._next_id += 1
+            self.engine.add_request(request_id, prompt, params.replace(output_kind=OutputKind.FINAL_ONLY))
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            conversation = self.model_defaults.chat_messages(conversation)
+            text = render_chat_prompt(self.engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+            prompts.append(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        progress.update(1)
+        except BaseException:
+            self.engine.abort_request(request_ids)
+            raise
+        finally:
+            progress.close()
+        return [results[request_id] for request_id in request_ids]
+
+
+def _params_per_prompt(params: SamplingParams | SequenceOf[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return list(params)

@@ -1,0 +1,78 @@
+"""What every API route shares: the server state of a request, the API key check, and reading the body.
+
+Bodies are read and validated here rather than by FastAPI, so that the key is checked before the
+body is read, a body over the size limit is refused while it arrives, and every malformed body is
+a 400 in OpenAI's error shape (FastAPI would answer 422 in its own).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from pagedserve.server.errors import APIError, validation_message
+from pagedserve.server.state import ServerState
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def verify_api_key(request: Request) -> None:
+    """401 unless the request carries one of the server's keys (`Authorization: Bearer KEY`, or `x-api-key`)."""
+    keys = server_state(request).server_config.api_key
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        token = request.headers.get("x-api-key", "")
+    given = token.strip().encode()
+    # NOTE: compare against every key, so the time taken does not tell which key came close.
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    if not any(matches):
+        raise APIError("Invalid or missing API key; send it as 'Authorization: Bearer <key>'.",
+                       HTTPStatus.UNAUTHORIZED)
+
+
+async def read_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body as `model`: 413 over the size limit, 400 when it is not valid JSON or not valid."""
+    data = _parse_json(await _read_limited(request, server_state(request).server_config.max_request_body_bytes))
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        message, param = validation_message(error.errors(include_url=False))
+        raise APIError(message, HTTPStatus.BAD_REQUEST, param) from None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    too_large = APIError(f"the request body is larger than the limit of {limit} bytes (--max-request-body-bytes)",
+                         HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise APIError("missing request body", HTTPStatus.BAD_REQUEST)
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise APIError(f"the request body is not valid JSON: {error}", HTTPStatus.BAD_REQUEST) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
