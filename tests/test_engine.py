@@ -111,7 +111,7 @@ def test_streamed_chinese_text_is_never_broken_and_adds_up(llm):
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=40, output_kind=OutputKind.DELTA)
     prompt = llm.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": "请用中文介绍一下北京。"}], tokenize=False, add_generation_prompt=True)
-    engine.add_request("zh", prompt, params, add_special_tokens=False)
+    engine.add_request(llm.processor.process("zh", prompt, params, add_special_tokens=False))
     pieces, token_ids = [], []
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -137,7 +137,7 @@ def test_logprobs_are_consistent(llm):
 
 def test_abort_returns_blocks_at_once(llm):
     engine = llm.engine
-    engine.add_request("a", LONG_PREFIX, greedy(max_tokens=100))
+    engine.add_request(llm.processor.process("a", LONG_PREFIX, greedy(max_tokens=100)))
     engine.step()
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks

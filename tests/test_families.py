@@ -17,7 +17,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.loader.chat_template import render_chat_prompt
 from pagedserve.config import ModelConfig
-from pagedserve.loader import load_hf_config
+from pagedserve.loader.safetensors import load_hf_config
 from pagedserve.models.registry import MODEL_REGISTRY
 from tests.conftest import build_tokenizer, save_tiny_checkpoint
 from tests.parity import PROMPTS, check_parity

@@ -13,7 +13,7 @@ import torch
 from pagedserve import LLM
 from pagedserve.loader.chat_template import NoChatTemplateError
 from pagedserve.config import ModelConfig
-from pagedserve.loader import resolve_model
+from pagedserve.loader.source import resolve_model
 from tests.parity import check_parity
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")

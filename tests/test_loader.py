@@ -11,20 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pagedserve.loader import (
-    MODEL_ALIASES,
-    ModelSource,
-    generation_defaults,
-    gguf_hf_config,
-    iter_gguf_weights,
-    iter_safetensors_weights,
-    load_hf_config,
-    load_tokenizer,
-    num_gguf_tensors,
-    num_safetensors_tensors,
-    read_gguf,
-    resolve_model,
-)
+from pagedserve.loader.gguf import gguf_hf_config, iter_gguf_weights, num_gguf_tensors, read_gguf
+from pagedserve.loader.safetensors import (generation_defaults, iter_safetensors_weights, load_hf_config,
+                                           num_safetensors_tensors)
+from pagedserve.loader.source import MODEL_ALIASES, ModelSource, resolve_model
+from pagedserve.loader.tokenizer import load_tokenizer
 from tests.tiny_gguf import add_model_metadata, gguf_tensors
 
 TEXTS = ["Hello world", " leading space", "你好，世界！今天天气很好。", "emoji 🤗🎉 ok",

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 from prometheus_client import generate_latest
 
 from pagedserve.engine.llm_engine import EngineStats
@@ -11,26 +9,10 @@ from pagedserve.server.metrics import EngineMetrics
 from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
-@dataclass
-class FakeBlocks:
-    num_free_blocks: int = 90
-    num_blocks: int = 100
-
-
-@dataclass
-class FakeEngine:
-    """What EngineMetrics reads: stats() and the block manager's counts."""
-
-    current: EngineStats
-    block_manager: FakeBlocks = field(default_factory=FakeBlocks)
-
-    def stats(self) -> EngineStats:
-        return self.current
-
-
 def stats(**changes) -> EngineStats:
     values = dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_prompt_tokens=0, num_generation_tokens=0,
-                  num_prefix_cache_queries=0, num_prefix_cache_hits=0, num_preemptions=0)
+                  num_prefix_cache_queries=0, num_prefix_cache_hits=0, num_preemptions=0, num_free_blocks=90,
+                  num_blocks=100)
     return EngineStats(**{**values, **changes})
 
 
@@ -49,13 +31,10 @@ def finished_output(finish_reason: str = "stop", num_tokens: int = 5) -> Request
 
 def test_counters_grow_by_the_engines_growth_and_gauges_follow_load():
     metrics = EngineMetrics("m", log_interval=None)
-    engine = FakeEngine(stats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_prompt_tokens=40,
-                              num_generation_tokens=3, num_prefix_cache_queries=64, num_prefix_cache_hits=32))
-    metrics.on_step(engine, [])
-    engine.current = stats(num_prompt_tokens=50, num_generation_tokens=10, num_prefix_cache_queries=64,
-                           num_prefix_cache_hits=32, num_preemptions=1)
-    engine.block_manager = FakeBlocks(100, 100)
-    metrics.on_step(engine, [finished_output()])
+    metrics.on_step(stats(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_prompt_tokens=40,
+                          num_generation_tokens=3, num_prefix_cache_queries=64, num_prefix_cache_hits=32), [])
+    metrics.on_step(stats(num_prompt_tokens=50, num_generation_tokens=10, num_prefix_cache_queries=64,
+                          num_prefix_cache_hits=32, num_preemptions=1, num_free_blocks=100), [finished_output()])
     assert sample(metrics, "vllm:prompt_tokens_total") == 50
     assert sample(metrics, "vllm:generation_tokens_total") == 10
     assert sample(metrics, "vllm:prefix_cache_queries_total") == 64
@@ -82,7 +61,7 @@ def test_latency_histograms_of_a_finished_request():
 
 def test_exposition_uses_vllm_names_and_each_app_has_its_own_registry():
     first, second = EngineMetrics("m"), EngineMetrics("m")
-    first.on_step(FakeEngine(stats(num_generation_tokens=7)), [])
+    first.on_step(stats(num_generation_tokens=7), [])
     text = generate_latest(first.registry).decode()
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:gpu_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
@@ -98,18 +77,16 @@ def test_the_periodic_line_while_busy_and_quiet_when_idle(caplog, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("pagedserve.server.metrics.time.monotonic", lambda: clock[0])
     metrics = EngineMetrics("m", log_interval=10.0)
-    engine = FakeEngine(stats())
     with caplog.at_level(logging.INFO, logger="pagedserve.server.metrics"):
         clock[0] += 10
-        engine.current = stats(num_running=1, num_waiting=2, kv_cache_usage=0.5, num_prompt_tokens=100,
-                               num_generation_tokens=50, num_prefix_cache_queries=200, num_prefix_cache_hits=50)
-        metrics.on_step(engine, [])
+        busy = stats(num_running=1, num_waiting=2, kv_cache_usage=0.5, num_prompt_tokens=100,
+                     num_generation_tokens=50, num_prefix_cache_queries=200, num_prefix_cache_hits=50)
+        metrics.on_step(busy, [])
         clock[0] += 5
-        metrics.on_step(engine, [])                    # too soon for another line
+        metrics.on_step(busy, [])                      # too soon for another line
         clock[0] += 10
-        engine.current = stats(num_prompt_tokens=100, num_generation_tokens=50, num_prefix_cache_queries=200,
-                               num_prefix_cache_hits=50)
-        metrics.on_step(engine, [])                    # idle: nothing happened since the last line
+        metrics.on_step(stats(num_prompt_tokens=100, num_generation_tokens=50, num_prefix_cache_queries=200,
+                              num_prefix_cache_hits=50), [])   # idle: nothing happened since the last line
     assert [record.getMessage() for record in caplog.records] == [
         "m: Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 tokens/s, Running: 1 reqs, "
         "Waiting: 2 reqs, KV cache usage: 50.0%, Prefix cache hit rate: 25.0%"]

@@ -10,7 +10,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pagedserve.config import EngineConfig
 from pagedserve.config.duration import format_duration, parse_duration
 from pagedserve.store.go_template import is_go_template, translate_go_template
-from pagedserve.store.defaults import ModelDefaults
+from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
 from pagedserve.store.models_dir import (ModelManifest, create_model, default_model_name, find_manifest, list_manifests,
                                     models_dir, remove_manifest, resolve_named_model)
 from pagedserve.store.modelfile import parse_modelfile
@@ -121,12 +121,14 @@ def test_format_duration():
 
 def test_ollama_options_map_onto_sampling_params():
     params, num_ctx = sampling_params({"num_predict": 5, "temperature": 0, "top_k": 3, "seed": 7, "stop": "x",
-                                       "repeat_penalty": 1.1, "num_ctx": 64, "mirostat": 2}, {}, stream=True)
+                                       "repeat_penalty": 1.1, "num_ctx": 64, "mirostat": 2}, SamplingDefaults(),
+                                      stream=True)
     assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (5, 0.0, 3, 7)
     assert params.stop == ["x"] and params.repetition_penalty == 1.1 and num_ctx == 64
-    defaults, _ = sampling_params(None, {"temperature": 0.2}, stream=False)
+    defaults, _ = sampling_params(None, SamplingDefaults.merge({"temperature": 0.2}), stream=False)
     assert (defaults.temperature, defaults.top_k, defaults.top_p, defaults.max_tokens) == (0.2, 40, 0.9, None)
-    unlimited, _ = sampling_params({"num_predict": -1, "seed": -1, "top_k": -1}, {"max_new_tokens": 9}, stream=False)
+    unlimited, _ = sampling_params({"num_predict": -1, "seed": -1, "top_k": -1},
+                                   SamplingDefaults.merge({"max_new_tokens": 9, "seed": 3}), stream=False)
     assert (unlimited.max_tokens, unlimited.seed, unlimited.top_k) == (None, None, 0)
 
 
@@ -138,7 +140,7 @@ def test_ollama_options_map_onto_sampling_params():
 ])
 def test_bad_ollama_options(options, message):
     with pytest.raises(ValueError, match=message):
-        sampling_params(options, {}, stream=False)
+        sampling_params(options, SamplingDefaults(), stream=False)
 
 
 # ---- created models -------------------------------------------------------------------------------------
@@ -157,7 +159,8 @@ def test_model_defaults_start_chats_as_ollama_does():
     assert [m["role"] for m in defaults.chat_messages(question)] == ["system", "user", "user"]
     own_system = [{"role": "system", "content": "mine"}, *question]
     assert defaults.chat_messages(own_system)[1]["content"] == "mine"
-    assert defaults.sampling_params().temperature == 0.1 and defaults.sampling_params().max_tokens is None
+    params = SamplingDefaults.merge(defaults.generation).params()
+    assert params.temperature == 0.1 and params.max_tokens is None and params.repetition_penalty == 1.2
 
 
 def test_create_flattens_parents_and_resolves_names(tmp_path, tiny_llama_dir):

@@ -160,9 +160,9 @@ def test_lazy_load_unload_frees_the_engine_and_the_key_guards_the_api(tiny_llama
         assert answer.status_code == 200 and answer.json()["eval_count"] == 2
         assert [m["name"] for m in client.get("/api/ps", headers=key).json()["models"]] == [qwen]
         model = app.state.server.models[qwen]
-        engine = weakref.ref(model.engine)
+        engine = weakref.ref(model.client)
         unloaded = client.post("/api/generate", headers=key, json={"model": qwen, "keep_alive": 0})
-        assert unloaded.json()["done_reason"] == "unload" and model.engine is None
+        assert unloaded.json()["done_reason"] == "unload" and model.client is None
         gc.collect()
         assert engine() is None                                  # weights and KV cache are gone with it
         assert client.get("/api/ps", headers=key).json() == {"models": []}

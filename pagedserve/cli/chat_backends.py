@@ -52,28 +52,21 @@ SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_token
 
 
 class EngineChat:
-    """The model loaded in this process; the engine steps on its own thread (AsyncEngine)."""
+    """The model loaded in this process, through its EngineClient (the engine steps on its own thread)."""
 
     def __init__(self, engine_config: EngineConfig) -> None:
         """`engine_config.model` may name a created model: its SYSTEM and PARAMETERs then apply."""
-        from pagedserve.engine.async_engine import AsyncEngine
-        from pagedserve.engine.llm_engine import LLMEngine
+        from pagedserve.engine.engine_client import EngineClient
         from pagedserve.store.models_dir import resolve_named_model
 
         self.model_name = engine_config.model
-        config, self._model_defaults = resolve_named_model(engine_config)
-        self.engine = LLMEngine(config)
-        self._async_engine = AsyncEngine(self.engine)
+        config, model_defaults = resolve_named_model(engine_config)
+        self.client = EngineClient.start(config, model_defaults)
 
     async def stream(self, messages: list[dict[str, str]], options: dict[str, Any]) -> AsyncIterator[AnswerPiece]:
-        from pagedserve.loader.chat_template import render_chat_prompt
-
         started = time.time()
-        tokenizer = self.engine.tokenizer
-        messages = self._model_defaults.chat_messages(messages)
-        prompt_token_ids = tokenizer.encode(render_chat_prompt(tokenizer, messages), add_special_tokens=False)
-        stream = await self._async_engine.add_request(prompt_token_ids, self._sampling_params(options),
-                                                      add_special_tokens=False)
+        prompt = await self.client.render_chat(messages)
+        stream = await self.client.generate(prompt.token_ids, self.sampling_params(options))
         output = None
         try:
             async for output in stream:
@@ -81,20 +74,19 @@ class EngineChat:
                     yield AnswerPiece(text=output.outputs[0].text)
         finally:
             stream.abort()
-        yield AnswerPiece(timings=_engine_timings(started, output, len(prompt_token_ids)))
+        yield AnswerPiece(timings=_engine_timings(started, output, len(prompt.token_ids)))
 
-    def _sampling_params(self, options: dict[str, Any]):
+    def sampling_params(self, options: dict[str, Any]) -> Any:
+        """What `/set` changed over the model's defaults; no limit but the context unless max_tokens is set,
+        as the chat API answers."""
         from pagedserve.sampling_params import OutputKind, SamplingParams
 
-        defaults = {**self.engine.generation_defaults, **self._model_defaults.generation}
-        if "max_new_tokens" in defaults:
-            defaults["max_tokens"] = defaults.pop("max_new_tokens")
-        values = {"max_tokens": None, **defaults, **options}
-        return SamplingParams(**{name: values[name] for name in SAMPLING_OPTIONS if name in values},
-                              output_kind=OutputKind.DELTA)
+        values = self.client.sampling_defaults.resolve({name: options.get(name) for name in SAMPLING_OPTIONS},
+                                                       fallbacks={"max_tokens": None})
+        return SamplingParams(**values, output_kind=OutputKind.DELTA)
 
     async def close(self) -> None:
-        self._async_engine.shutdown()
+        self.client.shutdown()
 
 
 def _engine_timings(started: float, output: Any, num_prompt_tokens: int) -> AnswerTimings:

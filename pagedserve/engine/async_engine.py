@@ -1,27 +1,30 @@
 """The engine's step loop on a background thread, and one async stream of outputs per request.
 
 The engine itself is single-threaded: only the loop thread touches it. Callers on the event loop
-hand it requests and aborts through a queue; outputs come back through each request's asyncio queue.
-A request whose consumer goes away (client disconnect, cancellation) is aborted, which frees its KV
-blocks at the start of the next step.
+hand it checked requests (`EngineRequest`) and aborts through a queue; outputs come back through each
+request's asyncio queue. A request whose consumer goes away (client disconnect, cancellation) is
+aborted, which frees its KV blocks at the start of the next step.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable
 
-from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine
+from pagedserve.engine.processor import EngineRequest
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_SECONDS = 1.0
+
+# Called on the loop thread after every step (and about once a second when idle) with the engine's
+# stats and the step's outputs: the metrics hook.
+StepHook = Callable[[EngineStats, list[RequestOutput]], None]
 
 
 class EngineDeadError(RuntimeError):
@@ -33,10 +36,7 @@ _ACCEPTED = object()   # first item on a request's queue once the engine has que
 
 @dataclass(frozen=True)
 class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    add_special_tokens: bool
+    request: EngineRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
@@ -52,8 +52,9 @@ class _Abort:
 class RequestStream:
     """Async iterator over one request's outputs. Call `abort()` if you stop before it finishes."""
 
-    def __init__(self, request_id: str, queue_: asyncio.Queue, engine: AsyncEngine) -> None:
-        self.request_id = request_id
+    def __init__(self, request: EngineRequest, queue_: asyncio.Queue, engine: AsyncEngine) -> None:
+        self.request_id = request.request_id
+        self.prompt_token_ids = request.prompt_token_ids
         self._queue = queue_
         self._engine = engine
         self.finished = False
@@ -78,50 +79,32 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
-                 ) -> None:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
         self.engine = engine
         self._on_step = on_step
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
-        self._ids = itertools.count()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                          add_special_tokens: bool = True) -> RequestStream:
-        """Queue a request; returns its output stream once the engine accepted it.
+    async def add_request(self, request: EngineRequest) -> RequestStream:
+        """Queue a checked request; returns its output stream once the engine accepted it.
 
-        Raises ValueError (nothing queued) when the engine rejects it, e.g. a prompt over the limit.
+        Raises ValueError (nothing queued) when the engine refuses it (a request id already in use).
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        request_id = request_id or f"req-{next(self._ids)}"
         queue_: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, prompt, params, add_special_tokens, asyncio.get_running_loop(), queue_))
+        self._inbox.put(_Add(request, asyncio.get_running_loop(), queue_))
         first = await queue_.get()
         if isinstance(first, BaseException):
             raise first
-        return RequestStream(request_id, queue_, self)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request; leaving the loop early aborts it."""
-        stream = await self.add_request(prompt, params, request_id, add_special_tokens)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.abort()
+        return RequestStream(request, queue_, self)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -135,8 +118,7 @@ class AsyncEngine:
         while not self._stopping.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
             if not self.engine.has_unfinished_requests():
-                if self._on_step is not None:
-                    self._on_step(self.engine, [])
+                self._report([])
                 continue
             try:
                 outputs = self.engine.step()
@@ -150,9 +132,12 @@ class AsyncEngine:
                     request.put(output)
                     if output.finished:
                         del self._streams[output.request_id]
-            if self._on_step is not None:
-                self._on_step(self.engine, outputs)
+            self._report(outputs)
         self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _report(self, outputs: list[RequestOutput]) -> None:
+        if self._on_step is not None:
+            self._on_step(self.engine.stats(), outputs)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -171,12 +156,11 @@ class AsyncEngine:
             self.engine.abort_request(command.request_id)
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    add_special_tokens=command.add_special_tokens)
+            self.engine.add_request(command.request)
         except ValueError as error:
             command.put(error)
             return
-        self._streams[command.request_id] = command
+        self._streams[command.request.request_id] = command
         command.put(_ACCEPTED)
 
     def _fail_all(self, error: BaseException) -> None:
@@ -184,4 +168,3 @@ class AsyncEngine:
         self.engine.abort_request(request_ids)
         for request_id in request_ids:
             self._streams.pop(request_id).put(error)
-

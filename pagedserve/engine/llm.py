@@ -7,9 +7,10 @@ from tqdm.auto import tqdm
 
 from pagedserve.config import DEFAULT_MODEL, EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.loader.chat_template import render_chat_prompt
+from pagedserve.engine.processor import ChatOptions, InputProcessor
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import OutputKind, SamplingParams
+from pagedserve.store.models_dir import resolve_named_model
 
 
 class LLM:
@@ -18,42 +19,45 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
         """`model`: also the name of a model made with `pagedserve create`, whose PARAMETERs become the
         default sampling params and whose SYSTEM starts each chat."""
-        from pagedserve.store.models_dir import resolve_named_model
-
-        config, self.model_defaults = resolve_named_model(EngineConfig(model=model, **engine_args))
+        config, model_defaults = resolve_named_model(EngineConfig(model=model, **engine_args))
         self.engine = LLMEngine(config)
+        self.processor = InputProcessor.for_engine(self.engine, model_defaults)
         self._next_id = 0
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` uses when given none: the model's defaults (generation_config.json, Modelfile
+        PARAMETERs) over SamplingParams' own, as vLLM's LLM does."""
+        return self.processor.sampling_defaults.params()
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
+            else list(prompts)
         if sampling_params is None:
-            sampling_params = self.model_defaults.sampling_params()
-        params_list = _params_per_prompt(sampling_params, len(prompts))
-        request_ids = []
-        for prompt, params in zip(prompts, params_list):
-            request_id = str(self._next_id)
+            sampling_params = self.get_default_sampling_params()
+        params_list = _params_per_prompt(sampling_params, len(prompt_list))
+        # NOTE: every prompt is checked before any is queued, so a bad one leaves nothing behind.
+        requests = []
+        for prompt, params in zip(prompt_list, params_list):
+            requests.append(self.processor.process(str(self._next_id), prompt,
+                                                   params.replace(output_kind=OutputKind.FINAL_ONLY)))
             self._next_id += 1
-            self.engine.add_request(request_id, prompt, params.replace(output_kind=OutputKind.FINAL_ONLY))
-            request_ids.append(request_id)
-        return self._run(request_ids, use_tqdm)
+        for request in requests:
+            self.engine.add_request(request)
+        return self._run([request.request_id for request in requests], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conversation in conversations:
-            conversation = self.model_defaults.chat_messages(conversation)
-            text = render_chat_prompt(self.engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
-                                      chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
-            prompts.append(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        options = ChatOptions(add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                              chat_template_kwargs=chat_template_kwargs)
+        prompts = [self.processor.render_chat(conversation, options).token_ids for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -10,12 +10,13 @@ from pagedserve.config import EngineConfig, ModelConfig, token_ids
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.engine.platform import Platform
+from pagedserve.engine.processor import EngineRequest
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
-from pagedserve.engine.platform import Platform
 from pagedserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,28 @@ class EngineStats:
     num_prefix_cache_queries: int
     num_prefix_cache_hits: int
     num_preemptions: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What clients may know about a loaded model: its limits, where it runs, and what it holds in memory."""
+
+    model: str                        # as the engine config named it
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    device: str                      # "cpu", "cuda:0", ...
+    dtype: str
+    num_parameters: int
+    weight_bytes: int
+    kv_cache_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        """Weights and KV cache."""
+        return self.weight_bytes + self.kv_cache_bytes
 
 
 class LLMEngine:
@@ -64,7 +87,8 @@ class LLMEngine:
         checkpoint = open_checkpoint(config)
         self.model_config: ModelConfig = checkpoint.model_config
         self.tokenizer = checkpoint.tokenizer
-        self.generation_defaults: dict[str, Any] = checkpoint.generation_defaults
+        # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
+        self.generation_config: dict[str, Any] = checkpoint.generation_defaults
         is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
         self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
@@ -79,7 +103,7 @@ class LLMEngine:
                                    self.max_model_len)
         # generation_config.json may list more end ids than config.json (Llama 3's <|eot_id|>).
         self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
-                                        *token_ids(self.generation_defaults.get("eos_token_id"))))
+                                        *token_ids(self.generation_config.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
@@ -94,26 +118,23 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, add_special_tokens: bool = True) -> None:
-        """Queue a request. Raises ValueError (nothing queued) for a prompt that cannot be served."""
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request the InputProcessor checked. Raises ValueError (nothing queued) if its id is in use."""
+        request_id, params, prompt_token_ids = request.request_id, request.params, request.prompt_token_ids
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text = prompt if isinstance(prompt, str) else None
-        prompt_token_ids = self.tokenize(prompt, add_special_tokens)
-        max_tokens = self.validate(prompt_token_ids, params)
-        arrival_time = time.time() if arrival_time is None else arrival_time
         backend = self.tokenizer.backend_tokenizer
         seqs, detokenizers = [], []
         for index in range(params.n):
             seq_params = params if index == 0 or params.seed is None else params.replace(seed=params.seed + index)
-            seqs.append(Sequence(request_id, prompt_token_ids, seq_params, max_tokens, self.eos_token_ids,
-                                 index=index, arrival_time=arrival_time))
+            seqs.append(Sequence(request_id, prompt_token_ids, seq_params, request.max_tokens, self.eos_token_ids,
+                                 index=index, arrival_time=request.arrival_time))
             detokenizers.append(IncrementalDetokenizer(backend, prompt_token_ids, seq_params))
         seqs[0].pending_forks = seqs[1:]
         prompt_logprobs = [None] if params.prompt_logprobs is not None else None
-        self._requests[request_id] = _Request(request_id, prompt_text, prompt_token_ids, params, seqs, detokenizers,
-                                              RequestMetrics(arrival_time), prompt_logprobs, [0] * params.n)
+        self._requests[request_id] = _Request(request_id, request.prompt, prompt_token_ids, params, seqs,
+                                              detokenizers, RequestMetrics(request.arrival_time), prompt_logprobs,
+                                              [0] * params.n)
         self.scheduler.add(seqs[0])
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -139,7 +160,17 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens_total,
             num_prefix_cache_queries=self.block_manager.num_prefix_queries,
             num_prefix_cache_hits=self.block_manager.num_prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions, num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=self.block_manager.num_blocks)
+
+    def model_info(self) -> ModelInfo:
+        runner = self.runner
+        return ModelInfo(
+            model=self.config.model, architecture=self.model_config.architecture, max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size, device=str(self.platform.device),
+            dtype=str(self.platform.dtype).removeprefix("torch."), num_parameters=runner.num_parameters,
+            weight_bytes=runner.num_parameter_bytes,
+            kv_cache_bytes=self.block_manager.num_blocks * runner.kv_bytes_per_block(self.config.block_size))
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -236,36 +267,7 @@ class LLMEngine:
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    # ---- validation and sizing ------------------------------------------------------------------
-
-    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return list(prompt)
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Check a request against the model; returns its resolved max_tokens."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty")
-        vocab_size = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got {max(prompt_token_ids)}")
-        for token_id in params.logit_bias or {}:
-            if token_id >= vocab_size:
-                raise ValueError(f"logit_bias token id {token_id} is out of vocabulary (size {vocab_size})")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                             f"prompt has {num_prompt} tokens, which leaves no room for output. Please reduce the "
-                             f"length of the prompt.")
-        if params.max_tokens is None:
-            return self.max_model_len - num_prompt
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                             f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
-                             f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
-                             f"or completion.")
-        return params.max_tokens
+    # ---- sizing ---------------------------------------------------------------------------------
 
     def _resolve_max_model_len(self) -> int:
         model_max = self.model_config.max_position_embeddings

@@ -1,9 +1,10 @@
 """Rendering chat messages into a prompt with the model's (or the user's) Jinja chat template."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class NoChatTemplateError(ValueError):

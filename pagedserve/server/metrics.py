@@ -1,7 +1,7 @@
 """Prometheus metrics under vLLM's names (so its dashboards work), and the periodic throughput log line.
 
-`EngineMetrics.on_step` is the AsyncEngine's step hook: it runs on the engine thread after every
-step and about once a second when idle, reads the engine's counters, and turns their growth into
+`EngineMetrics.on_step` is the engine loop's step hook: it runs on the engine thread after every
+step and about once a second when idle, gets the engine's counters, and turns their growth into
 Prometheus counters. Each app owns its registry, so several servers can live in one process.
 No torch here.
 """
@@ -105,22 +105,21 @@ class EngineMetrics:
 
     # ---- the engine hook --------------------------------------------------------------------------
 
-    def on_step(self, engine: Any, outputs: Iterable[Any]) -> None:
-        """AsyncEngine's `on_step(engine, outputs)`; on the engine thread."""
-        stats = engine.stats()
-        self.record_load(stats, engine.block_manager.num_free_blocks, engine.block_manager.num_blocks)
+    def on_step(self, stats: Any, outputs: Iterable[Any]) -> None:
+        """The engine loop's step hook (`StepHook`): on the engine thread."""
+        self.record_load(stats)
         for output in outputs:
             if output.finished:
                 self.record_finished(output)
         self.maybe_log(stats)
 
-    def record_load(self, stats: Any, num_free_blocks: int, num_blocks: int) -> None:
+    def record_load(self, stats: Any) -> None:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.gpu_cache_usage.set(stats.kv_cache_usage)
-        self.num_free_blocks.set(num_free_blocks)
-        self.num_blocks.set(num_blocks)
+        self.num_free_blocks.set(stats.num_free_blocks)
+        self.num_blocks.set(stats.num_blocks)
         now = _snapshot(stats)
         last, self._last = self._last, now
         self.prompt_tokens.inc(max(now.num_prompt_tokens - last.num_prompt_tokens, 0))

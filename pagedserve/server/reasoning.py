@@ -73,6 +73,14 @@ class ReasoningParser:
             self._advance(tag)
         return ReasoningDelta("".join(reasoning), "".join(content))
 
+    def split(self, text: str, is_finished: bool) -> ReasoningDelta:
+        """What one streamed piece adds to each side; with `is_finished`, also what was held back."""
+        delta = self.feed(text)
+        if not is_finished:
+            return delta
+        rest = self.finish()
+        return ReasoningDelta(delta.reasoning + rest.reasoning, delta.content + rest.content)
+
     def finish(self) -> ReasoningDelta:
         """Whatever was held back as a possible tag start goes to the side it was on."""
         rest, self._pending = self._pending, ""
@@ -93,12 +101,10 @@ def split_reasoning(name: str, text: str, prompt: str = "") -> tuple[str | None,
     """(reasoning, content) of a whole output, as vLLM reports them: reasoning None when the model
     did not reason; content None when reasoning took all of it."""
     parser = ReasoningParser(name, prompt)
-    pieces = [parser.feed(text), parser.finish()]
-    reasoning = "".join(piece.reasoning for piece in pieces)
-    content = "".join(piece.content for piece in pieces)
+    piece = parser.split(text, is_finished=True)
     if not parser.has_reasoning:
-        return None, content
-    return reasoning, content or None
+        return None, piece.content
+    return piece.reasoning, piece.content or None
 
 
 def _partial_tag_length(text: str, tags: tuple[str, ...]) -> int:

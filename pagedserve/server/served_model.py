@@ -18,14 +18,15 @@ import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from pagedserve.loader.chat_template import render_chat_prompt
 from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.server.errors import APIError
 from pagedserve.server.metrics import EngineMetrics, MetricFamilies
 from pagedserve.store.models_dir import find_manifest, models_dir, resolve_named_model
-from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.errors import APIError
+
+if TYPE_CHECKING:
+    from pagedserve.engine.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,7 @@ class ServedModel:
         self.engine_config, self.defaults = resolve_named_model(engine_config.replace(model=requested))
         self.is_eager = is_eager
         self.keep_alive = keep_alive                 # seconds; math.inf: never unload
-        self.engine: Any = None                      # LLMEngine, while loaded
-        self.async_engine: Any = None                # AsyncEngine, while loaded
-        self.generation_defaults: dict[str, Any] = {}
+        self.client: EngineClient | None = None      # while loaded
         self.load_error: BaseException | None = None   # a failed start-up load (the server then exits)
         self.is_starting = is_eager                  # its start-up load has not finished
         self.num_active = 0                          # requests holding it
@@ -63,7 +62,14 @@ class ServedModel:
 
     @property
     def is_loaded(self) -> bool:
-        return self.async_engine is not None
+        return self.client is not None
+
+    @property
+    def engine(self) -> EngineClient:
+        """The loaded model's engine client (requests hold the model, so it stays loaded while they run)."""
+        if self.client is None:
+            raise APIError("the model is not loaded", HTTPStatus.SERVICE_UNAVAILABLE)
+        return self.client
 
     # ---- loading and unloading ------------------------------------------------------------------
 
@@ -71,43 +77,38 @@ class ServedModel:
         """Load the engine unless it is loaded; returns the seconds this call waited."""
         start = time.perf_counter()
         async with self._lock:
-            if self.async_engine is None:
+            if self.client is None:
                 interval = None if self._server_config.disable_log_stats else self._server_config.log_stats_interval
                 metrics = EngineMetrics(self.name, interval, self._families)
-                engine, async_engine = await _in_daemon_thread(self._build, metrics)
-                self._loaded(engine, async_engine, metrics)
+                client = await _in_daemon_thread(self._build, metrics)
+                self._loaded(client, metrics)
         return time.perf_counter() - start
 
-    def _build(self, metrics: EngineMetrics) -> tuple[Any, Any]:
-        from pagedserve.engine.async_engine import AsyncEngine
-        from pagedserve.engine.llm_engine import LLMEngine
+    def _build(self, metrics: EngineMetrics) -> EngineClient:
+        from pagedserve.engine.engine_client import EngineClient   # NOTE: here, so torch loads after the server listens
 
-        engine = LLMEngine(self.engine_config)
-        return engine, AsyncEngine(engine, on_step=metrics.on_step)
+        server_config = self._server_config
+        return EngineClient.start(self.engine_config, self.defaults,
+                                  sampling_overrides=server_config.generation_overrides,
+                                  use_generation_config=server_config.generation_config == "auto",
+                                  on_step=metrics.on_step)
 
-    def _loaded(self, engine: Any, async_engine: Any, metrics: EngineMetrics) -> None:
-        self.engine, self.async_engine, self.metrics = engine, async_engine, metrics
-        from_model = engine.generation_defaults if self._server_config.generation_config == "auto" else {}
-        self.generation_defaults = {**from_model, **self.defaults.generation,
-                                    **self._server_config.generation_overrides}
-        if self.generation_defaults:
-            logger.info("%s: sampling defaults for fields a request leaves out: %s", self.name,
-                        self.generation_defaults)
+    def _loaded(self, client: EngineClient, metrics: EngineMetrics) -> None:
+        self.client, self.metrics = client, metrics
         if self.num_active == 0:
             self._schedule_expiry()
 
     async def unload(self) -> bool:
         """Stop the engine and free its memory, unless a request holds the model; True if it unloaded."""
         async with self._lock:
-            if self.async_engine is None or self.num_active:
+            if self.client is None or self.num_active:
                 return False
-            async_engine = self.async_engine
-            self.engine = self.async_engine = None
+            client, self.client = self.client, None
             self.expires_at = None
             self._is_unload_requested = False
             self._cancel_expiry()
-            await asyncio.to_thread(async_engine.shutdown)
-        del async_engine
+            await asyncio.to_thread(client.shutdown)
+        del client
         self.metrics.record_unloaded()
         _release_memory()
         logger.info("unloaded %s", self.name)
@@ -116,8 +117,8 @@ class ServedModel:
     async def shutdown(self) -> None:
         """At server shutdown: stop the engine (open streams end with a "shutting down" error)."""
         self._cancel_expiry()
-        if self.async_engine is not None:
-            await asyncio.to_thread(self.async_engine.shutdown)
+        if self.client is not None:
+            await asyncio.to_thread(self.client.shutdown)
 
     # ---- requests holding the model -------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class ServedModel:
                 raise APIError(f"model '{self.name}' failed to load: {error}",
                                HTTPStatus.INTERNAL_SERVER_ERROR) from error
             raise
-        if not self.async_engine.is_running:
+        if self.client is None or not self.client.is_running:
             self.release()
             raise APIError("the engine has stopped", HTTPStatus.INTERNAL_SERVER_ERROR)
         return waited
@@ -158,7 +159,7 @@ class ServedModel:
 
     async def unload_when_idle(self) -> None:
         """Ollama's `keep_alive: 0` with nothing to answer: unload now, or as soon as no request holds it."""
-        if self.async_engine is None:
+        if self.client is None:
             return
         self._is_unload_requested = True
         if self.num_active == 0:
@@ -167,7 +168,7 @@ class ServedModel:
     def _schedule_expiry(self) -> None:
         self._cancel_expiry()
         keep_alive = self._session_keep_alive
-        if self.async_engine is None or math.isinf(keep_alive):
+        if self.client is None or math.isinf(keep_alive):
             self.expires_at = None
             return
         self.expires_at = time.time() + keep_alive
@@ -199,44 +200,22 @@ class ServedModel:
 
     @property
     def max_model_len(self) -> int | None:
-        if self.engine is not None:
-            return self.engine.max_model_len
+        if self.client is not None:
+            return self.client.model_info.max_model_len
         context_length = self.details.context_length if self.details is not None else None
         limits = [value for value in (self.engine_config.max_model_len, context_length) if value]
         return min(limits) if limits else None
 
     @property
-    def size_bytes(self) -> int:
-        """Weights and KV cache of the loaded engine, in bytes."""
-        runner, block_size = self.engine.runner, self.engine.config.block_size
-        return runner.num_parameter_bytes + self.engine.block_manager.num_blocks * runner.kv_bytes_per_block(block_size)
+    def chat_template(self) -> str | None:
+        """The template chats render with: the loaded model's, else what its files or config say."""
+        if self.client is not None:
+            return self.client.chat_template
+        if self.engine_config.chat_template:
+            from pagedserve.loader.tokenizer import read_chat_template
 
-    def chat_prompt(self, messages: list[dict[str, Any]], add_special_tokens: bool = False, with_defaults: bool = True,
-                    **template_options: Any) -> tuple[str, list[int]]:
-        """The rendered chat prompt and its tokens; `with_defaults`: after the model's system prompt and
-        opening messages."""
-        tokenizer = self.engine.tokenizer
-        if with_defaults:
-            messages = self.defaults.chat_messages(messages)
-        prompt = render_chat_prompt(tokenizer, messages, **template_options)
-        return prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-
-    def check_params(self, params: SamplingParams) -> None:
-        """What the engine would refuse, refused here with the field named."""
-        max_num_seqs = self.engine_config.max_num_seqs
-        if params.n > max_num_seqs:
-            raise APIError(f"n must be at most {max_num_seqs} (--max-num-seqs), got {params.n}", param="n")
-        vocab_size = self.engine.model_config.vocab_size
-        for token_id in params.logit_bias or {}:
-            if token_id >= vocab_size:
-                raise APIError(f"logit_bias token id {token_id} is out of vocabulary (size {vocab_size})",
-                               param="logit_bias")
-
-    def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab_size = self.engine.model_config.vocab_size
-        bad = [token_id for token_id in token_ids if not 0 <= token_id < vocab_size]
-        if bad:
-            raise APIError(f"token ids must be in [0, {vocab_size}); got {bad[0]}", param=param)
+            return read_chat_template(self.engine_config.chat_template)
+        return self.details.chat_template if self.details is not None else None
 
 
 async def _in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:

@@ -96,7 +96,7 @@ class ServerState:
             return HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down"
         if any(model.is_starting for model in models):
             return HTTPStatus.SERVICE_UNAVAILABLE, "the model is loading"
-        if any(model.is_loaded and not model.async_engine.is_running for model in models):
+        if any(model.client is not None and not model.client.is_running for model in models):
             return HTTPStatus.INTERNAL_SERVER_ERROR, "the engine has stopped"
         return HTTPStatus.OK, "ok"
 

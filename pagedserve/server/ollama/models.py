@@ -46,11 +46,12 @@ async def ps(request: Request) -> JSONResponse:
         expiry = model.expires_at
         if expiry is None and model.num_active and not math.isinf(model.keep_alive):
             expiry = time.time() + model.keep_alive   # busy: its keep-alive starts when it goes idle
-        on_gpu = model.engine.platform.device.type == "cuda"
+        info = model.engine.model_info
+        on_gpu = info.device.startswith("cuda")
         loaded.append((math.inf if expiry is None else expiry, {
-            "name": model.name, "model": model.name, "size": model.size_bytes, "digest": _digest(model, details),
+            "name": model.name, "model": model.name, "size": info.memory_bytes, "digest": _digest(model, details),
             "details": _details(details), "expires_at": expires_at(expiry),
-            "size_vram": model.size_bytes if on_gpu else 0, "context_length": model.max_model_len}))
+            "size_vram": info.memory_bytes if on_gpu else 0, "context_length": model.max_model_len}))
     loaded.sort(key=lambda item: item[0], reverse=True)
     return JSONResponse({"models": [entry for _, entry in loaded]})
 
@@ -128,10 +129,4 @@ def _template(model: ServedModel, details: Any) -> str | None:
     """The TEMPLATE as its Modelfile wrote it, else the chat template the model renders with."""
     if model.manifest is not None and model.manifest.modelfile.template is not None:
         return model.manifest.modelfile.template
-    if model.engine is not None:
-        return model.engine.tokenizer.chat_template
-    if model.engine_config.chat_template:
-        from pagedserve.loader.tokenizer import read_chat_template
-
-        return read_chat_template(model.engine_config.chat_template)
-    return details.chat_template if details is not None else None
+    return model.chat_template

@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict
 from pagedserve.config.duration import parse_duration
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
+from pagedserve.store.defaults import SamplingDefaults
 
-# Ollama's DefaultOptions() for what neither the request nor the model sets.
-OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.0}
-# option -> (type Ollama checks, generation-default key it overrides)
+# Ollama's DefaultOptions() for what neither the request nor the model sets (SamplingParams fields).
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.0, "max_tokens": None}
+# option -> (type Ollama checks, SamplingParams field it sets)
 _OPTIONS: dict[str, tuple[type, str | None]] = {
-    "num_predict": (int, "max_new_tokens"), "temperature": (float, "temperature"), "top_p": (float, "top_p"),
+    "num_predict": (int, "max_tokens"), "temperature": (float, "temperature"), "top_p": (float, "top_p"),
     "top_k": (int, "top_k"), "min_p": (float, "min_p"), "seed": (int, "seed"), "stop": (list, "stop"),
     "repeat_penalty": (float, "repetition_penalty"), "presence_penalty": (float, "presence_penalty"),
     "frequency_penalty": (float, "frequency_penalty"), "num_ctx": (int, None),
@@ -87,26 +88,21 @@ class PullBody(OllamaBody):
     stream: bool = True
 
 
-def sampling_params(options: dict[str, Any] | None, defaults: dict[str, Any], stream: bool
+def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool
                     ) -> tuple[SamplingParams, int | None]:
     """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option."""
     given = _typed_options(options or {})
-    values = {**OLLAMA_DEFAULTS, **defaults}
-    for name, value in given.items():
-        key = _OPTIONS[name][1]
-        if key is not None:
-            values[key] = value
-    max_tokens = values.get("max_new_tokens")
-    seed = values.get("seed")
-    stop = values.get("stop") or []
-    params = SamplingParams(
-        temperature=values["temperature"], top_p=values["top_p"], top_k=max(values["top_k"], 0),
-        min_p=values.get("min_p", 0.0), repetition_penalty=values["repetition_penalty"],
-        presence_penalty=values.get("presence_penalty", 0.0), frequency_penalty=values.get("frequency_penalty", 0.0),
-        seed=seed if seed is not None and seed >= 0 else None,
-        max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else None,
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        output_kind=OutputKind.DELTA if stream else OutputKind.FINAL_ONLY)
+    request = {_OPTIONS[name][1]: value for name, value in given.items() if _OPTIONS[name][1] is not None}
+    values = defaults.resolve(request, OLLAMA_DEFAULTS)
+    # Ollama's sentinels, whoever set them: num_predict <= 0 has no limit, a negative seed is random.
+    if values.get("max_tokens") is not None and values["max_tokens"] <= 0:
+        values["max_tokens"] = None
+    if values.get("seed") is not None and values["seed"] < 0:
+        values["seed"] = None
+    values["top_k"] = max(values["top_k"], 0)
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    params = SamplingParams(**values, output_kind=OutputKind.DELTA if stream else OutputKind.FINAL_ONLY)
     num_ctx = given.get("num_ctx")
     if num_ctx is not None and num_ctx < 1:
         raise SamplingParamsError("num_ctx", f"option \"num_ctx\" must be positive, got {num_ctx}")

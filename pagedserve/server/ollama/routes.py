@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
+from pagedserve.engine.processor import ChatOptions, ChatPrompt
 from pagedserve.loader.chat_template import NoChatTemplateError
 from pagedserve.store.go_template import is_go_template, translate_go_template
 from pagedserve.outputs import RequestOutput
@@ -56,10 +57,11 @@ async def chat(request: Request) -> Response:
         return await _load_or_unload(state, model, body, keep_alive, start)
 
     async def answer_chat(waited: float) -> Response:
-        params, num_ctx = sampling_params(body.options, model.generation_defaults, body.stream)
-        prompt, token_ids = model.chat_prompt(body.messages, tools=body.tools)
-        run = _Run(random_id("chat"), body.model or body.name, start, waited, True, _parser(state, prompt))
-        return await _answer(state, request, model, run, prompt, token_ids, params, num_ctx, body.stream)
+        client = model.engine
+        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream)
+        prompt = await client.render_chat(body.messages, ChatOptions(tools=body.tools))
+        run = _Run(random_id("chat"), body.model or body.name, start, waited, True, _parser(state, prompt.text))
+        return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
 
     return await state.respond(model, answer_chat, keep_alive)
 
@@ -78,11 +80,11 @@ async def generate(request: Request) -> Response:
         return await _load_or_unload(state, model, body, keep_alive, start)
 
     async def answer_generate(waited: float) -> Response:
-        params, num_ctx = sampling_params(body.options, model.generation_defaults, body.stream)
-        prompt, token_ids = _generate_prompt(body, model)
+        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream)
+        prompt = await _generate_prompt(body, model)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
-                   None if body.raw else _parser(state, prompt), with_context=not body.raw)
-        return await _answer(state, request, model, run, prompt, token_ids, params, num_ctx, body.stream)
+                   None if body.raw else _parser(state, prompt.text), with_context=not body.raw)
+        return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
 
     return await state.respond(model, answer_generate, keep_alive)
 
@@ -124,13 +126,12 @@ class _Run:
         return last
 
 
-async def _answer(state: ServerState, request: Request, model: ServedModel, run: _Run, prompt: str,
-                  token_ids: list[int], params: SamplingParams, num_ctx: int | None, stream: bool) -> Response:
-    model.check_params(params)
-    params = _fit_context(params, len(token_ids), model, num_ctx)
-    run.prompt_token_ids = token_ids
-    state.log_received(run.request_id, prompt, params)
-    engine_stream = await model.async_engine.add_request(token_ids, params, run.request_id, add_special_tokens=False)
+async def _answer(state: ServerState, request: Request, model: ServedModel, run: _Run, prompt: ChatPrompt,
+                  params: SamplingParams, num_ctx: int | None, stream: bool) -> Response:
+    params = _fit_context(params, len(prompt.token_ids), model, num_ctx)
+    run.prompt_token_ids = prompt.token_ids
+    state.log_received(run.request_id, prompt.text, params)
+    engine_stream = await model.engine.generate(prompt.token_ids, params, run.request_id)
     tracker = state.track(model, [engine_stream])
     if stream:
         return NDJSONResponse(_stream(run, engine_stream, state, tracker), on_close=tracker.close)
@@ -164,8 +165,8 @@ def _split(parser: ReasoningParser | None, text: str, is_finished: bool) -> tupl
     """(thinking, content) of a streamed piece."""
     if parser is None:
         return "", text
-    pieces = [parser.feed(text)] + ([parser.finish()] if is_finished else [])
-    return "".join(piece.reasoning for piece in pieces), "".join(piece.content for piece in pieces)
+    piece = parser.split(text, is_finished)
+    return piece.reasoning, piece.content
 
 
 def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedModel,
@@ -180,28 +181,29 @@ def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedMo
     return params.replace(max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
 
 
-def _generate_prompt(body: GenerateBody, model: ServedModel) -> tuple[str, list[int]]:
+async def _generate_prompt(body: GenerateBody, model: ServedModel) -> ChatPrompt:
     """Raw: the prompt as is. Otherwise the prompt as a user message through the chat template (the
     request's `template` if it gives one), after the system prompt and the model's opening messages."""
-    tokenizer = model.engine.tokenizer
+    client = model.engine
     if body.raw:
-        return body.prompt, tokenizer.encode(body.prompt, add_special_tokens=True)
-    system = body.system or model.defaults.system
+        return ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
+    model_defaults = client.model_defaults
+    system = body.system or model_defaults.system
     messages = [{"role": "system", "content": system}] if system else []
     if body.context is None:
-        messages += [{"role": role, "content": content} for role, content in model.defaults.messages]
+        messages += [{"role": role, "content": content} for role, content in model_defaults.messages]
     messages.append({"role": "user", "content": body.prompt})
     template = None
     if body.template:
         template = translate_go_template(body.template) if is_go_template(body.template) else body.template
     try:
-        prompt, token_ids = model.chat_prompt(messages, with_defaults=False, chat_template=template)
+        prompt = await client.render_chat(messages, ChatOptions(chat_template=template, with_model_defaults=False))
     except NoChatTemplateError:   # a base model: Ollama's default template is the bare prompt
-        prompt, token_ids = body.prompt, tokenizer.encode(body.prompt, add_special_tokens=True)
+        prompt = ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
     if body.context:
-        model.check_token_ids(body.context, "context")
-        token_ids = list(body.context) + token_ids
-    return prompt, token_ids
+        client.check_token_ids(body.context, "context")
+        prompt = ChatPrompt(prompt.text, list(body.context) + prompt.token_ids)
+    return prompt
 
 
 async def _load_or_unload(state: ServerState, model: ServedModel, body: InferenceBody, keep_alive: float | None,

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pagedserve.engine.processor import ChatOptions
 from pagedserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import sse_error
@@ -38,19 +39,18 @@ class _Chat:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState,
                                  model: ServedModel) -> Response:
     body.check_supported()
-    params = body.to_sampling_params(model.generation_defaults,
+    client = model.engine
+    params = body.to_sampling_params(client.sampling_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
-    model.check_params(params)
-    prompt, prompt_token_ids = model.chat_prompt(
-        body.messages, add_special_tokens=body.add_special_tokens, add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message, chat_template=body.chat_template, tools=body.tools,
-        chat_template_kwargs=body.chat_template_kwargs)
-    chat = _Chat(random_id("chatcmpl"), body.model or model.name, body, prompt,
-                 len(prompt_token_ids), state.server_config.response_role, state.server_config.reasoning_parser,
+    prompt = await client.render_chat(body.messages, ChatOptions(
+        add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+        chat_template=body.chat_template, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+        add_special_tokens=body.add_special_tokens))
+    chat = _Chat(random_id("chatcmpl"), body.model or model.name, body, prompt.text,
+                 len(prompt.token_ids), state.server_config.response_role, state.server_config.reasoning_parser,
                  _echo_text(body, state.server_config.response_role))
-    state.log_received(chat.request_id, prompt, params)
-    stream = await model.async_engine.add_request(prompt_token_ids, params, chat.request_id,
-                                                  add_special_tokens=False)
+    state.log_received(chat.request_id, prompt.text, params)
+    stream = await client.generate(prompt.token_ids, params, chat.request_id)
     tracker = state.track(model, [stream])
     if body.stream:
         return EventStreamResponse(_stream_chat(chat, stream, state, tracker), on_close=tracker.close)
@@ -155,18 +155,14 @@ def _delta(choice: _Choice, text: str, is_finished: bool) -> DeltaMessage | None
     """The text as a delta (split into reasoning and content with a parser); None when empty."""
     if choice.parser is None:
         return DeltaMessage(content=text) if text else None
-    pieces = [choice.parser.feed(text)]
-    if is_finished:
-        pieces.append(choice.parser.finish())
-    reasoning = "".join(piece.reasoning for piece in pieces)
-    content = "".join(piece.content for piece in pieces)
-    if not reasoning and not content:
+    piece = choice.parser.split(text, is_finished)
+    if not piece.reasoning and not piece.content:
         return None
     delta = DeltaMessage()
-    if reasoning:
-        delta = DeltaMessage(reasoning_content=reasoning, reasoning=reasoning)
-    if content:
-        delta.content = content
+    if piece.reasoning:
+        delta = DeltaMessage(reasoning_content=piece.reasoning, reasoning=piece.reasoning)
+    if piece.content:
+        delta.content = piece.content
     return delta
 
 

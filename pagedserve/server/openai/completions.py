@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,18 +18,21 @@ from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
 from pagedserve.server.streaming import DONE, EventStreamResponse, collect_tracked, json_response, merge_streams, sse
 
+if TYPE_CHECKING:
+    from pagedserve.engine.engine_client import EngineClient
+
 
 @dataclass
 class _Completions:
     request_id: str
     model: str
     body: CompletionRequest
-    tokenizer: Any
+    client: EngineClient
     echo_texts: list[str]
     created: int = field(default_factory=lambda: int(time.time()))
 
     def decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.client.decode_one(token_id)
 
     def logprobs(self, token_ids: list[int], positions: list[PositionLogprobs | None] | None,
                  text_offset: int) -> dict[str, Any] | None:
@@ -42,22 +45,17 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
                             model: ServedModel) -> Response:
     body.check_supported()
     prompts = body.prompts()
-    params = body.to_sampling_params(model.generation_defaults,
+    client = model.engine
+    params = body.to_sampling_params(client.sampling_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
-    model.check_params(params)
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            model.check_token_ids(prompt, "prompt")
-    tokenizer = model.engine.tokenizer
-    echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    run = _Completions(random_id("cmpl"), body.model or model.name, body, tokenizer, echo_texts)
+    echo_texts = [(p if isinstance(p, str) else await client.decode(p)) if body.echo else "" for p in prompts]
+    run = _Completions(random_id("cmpl"), body.model or model.name, body, client, echo_texts)
     streams = []
     try:
         for index, prompt in enumerate(prompts):
             request_id = f"{run.request_id}-{index}"
             state.log_received(request_id, prompt, params)
-            streams.append(await model.async_engine.add_request(prompt, params, request_id,
-                                                                add_special_tokens=body.add_special_tokens))
+            streams.append(await client.generate(prompt, params, request_id, add_special_tokens=body.add_special_tokens))
     except BaseException:
         for stream in streams:
             stream.abort()

@@ -1,8 +1,8 @@
 """The OpenAI API's request and response bodies (pydantic), with vLLM's extra request fields.
 
 Unknown request fields are ignored, as OpenAI's and vLLM's servers do. Fields a request leaves out
-take the model's default when it has one (generation_config.json, a Modelfile PARAMETER, or
---override-generation-config), else OpenAI's.
+take the model's default when it has one (store/defaults.py: generation_config.json, a Modelfile
+PARAMETER, or --override-generation-config), else OpenAI's.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
+from pagedserve.store.defaults import SamplingDefaults
 
 _INT64 = 2**63
 
@@ -61,33 +62,21 @@ class SamplingRequest(OpenAIModel):
     response_format: ResponseFormat | None = None
     user: str | None = None
 
-    def _sampling_params(self, defaults: dict[str, Any], output_kind: OutputKind, max_tokens: int | None,
+    def _sampling_params(self, defaults: SamplingDefaults, output_kind: OutputKind, max_tokens: int | None,
                          logprobs: int | None) -> SamplingParams:
         """Raises SamplingParamsError (a ValueError naming the field) for values out of range."""
-        if max_tokens is None:
-            max_tokens = defaults.get("max_new_tokens")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        request = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                   "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": stop,
+                   "max_tokens": max_tokens}
+        # NOTE: a request without max_tokens may run to the end of the context, as OpenAI's API does.
+        values = defaults.resolve(request, fallbacks={"max_tokens": None})
         return SamplingParams(
-            n=self.n,
-            temperature=_pick(self.temperature, defaults, "temperature", 1.0),
-            top_p=_pick(self.top_p, defaults, "top_p", 1.0),
-            top_k=_pick(self.top_k, defaults, "top_k", 0),
-            min_p=_pick(self.min_p, defaults, "min_p", 0.0),
-            repetition_penalty=_pick(self.repetition_penalty, defaults, "repetition_penalty", 1.0),
-            presence_penalty=_pick(self.presence_penalty, defaults, "presence_penalty", 0.0),
-            frequency_penalty=_pick(self.frequency_penalty, defaults, "frequency_penalty", 0.0),
-            logit_bias=_token_bias(self.logit_bias),
-            seed=_pick(self.seed, defaults, "seed", None),
-            max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
-            stop=[self.stop] if isinstance(self.stop, str) else list(_pick(self.stop, defaults, "stop", [])),
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-            prompt_logprobs=self.prompt_logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
-            output_kind=output_kind,
-        )
+            **values, n=self.n, logit_bias=_token_bias(self.logit_bias), min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens, output_kind=output_kind)
 
     def check_supported(self) -> None:
         """Raises ValueError for what this server accepts in the API but cannot do."""
@@ -125,7 +114,7 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: bool = False
     add_special_tokens: bool = False
 
-    def to_sampling_params(self, defaults: dict[str, Any], output_kind: OutputKind) -> SamplingParams:
+    def to_sampling_params(self, defaults: SamplingDefaults, output_kind: OutputKind) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
@@ -156,7 +145,7 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
     add_special_tokens: bool = True
 
-    def to_sampling_params(self, defaults: dict[str, Any], output_kind: OutputKind) -> SamplingParams:
+    def to_sampling_params(self, defaults: SamplingDefaults, output_kind: OutputKind) -> SamplingParams:
         params = self._sampling_params(defaults, output_kind, self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params = params.replace(prompt_logprobs=self.logprobs)   # echoed tokens carry logprobs too
@@ -266,12 +255,6 @@ class CompletionResponse(OpenAIModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
-
-
-def _pick(value: Any, defaults: dict[str, Any], name: str, fallback: Any) -> Any:
-    if value is not None:
-        return value
-    return defaults.get(name, fallback)
 
 
 def _token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:

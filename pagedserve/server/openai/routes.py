@@ -8,6 +8,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
+from pagedserve.engine.processor import ChatOptions
 from pagedserve.server.api import read_body, server_state, verify_api_key
 from pagedserve.server.errors import APIError
 from pagedserve.server.openai.chat import create_chat_completion
@@ -61,18 +62,19 @@ async def tokenize(request: Request) -> JSONResponse:
 
 
 async def _tokenize(body: TokenizeRequest, model: ServedModel) -> JSONResponse:
-    tokenizer = model.engine.tokenizer
+    client = model.engine
     if body.messages is not None:
         # the template already has BOS, so special tokens are only added when asked for
-        _, token_ids = model.chat_prompt(
-            body.messages, add_special_tokens=bool(body.add_special_tokens),
+        prompt = await client.render_chat(body.messages, ChatOptions(
             add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            chat_template=body.chat_template, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs)
+            chat_template=body.chat_template, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+            add_special_tokens=bool(body.add_special_tokens)))
+        token_ids = prompt.token_ids
     elif body.prompt is not None:
-        token_ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        token_ids = await client.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
         raise APIError("give either 'prompt' or 'messages'", param="prompt")
-    token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+    token_strs = await client.token_strings(token_ids) if body.return_token_strs else None
     return JSONResponse({"count": len(token_ids), "max_model_len": model.max_model_len, "tokens": token_ids,
                          "token_strs": token_strs})
 
@@ -84,8 +86,7 @@ async def detokenize(request: Request) -> JSONResponse:
     model = find_model(state, body.model)
 
     async def run(_waited: float) -> JSONResponse:
-        model.check_token_ids(body.tokens, "tokens")
-        return JSONResponse({"prompt": model.engine.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await model.engine.decode(body.tokens)})
 
     return await state.respond(model, run)
 

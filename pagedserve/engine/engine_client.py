@@ -1,0 +1,110 @@
+"""`EngineClient`: the one interface through which the server, the Ollama routes and the terminal chat
+use a model's engine.
+
+It speaks in plain messages: prompts go through the `InputProcessor` (chat template, tokenizer, checks,
+sampling defaults) on worker threads, never on the event loop or the step loop, and reach the engine as
+`EngineRequest`s; outputs come back as `RequestOutput`s on a `RequestStream`. Today the step loop runs on
+a thread of this process (`AsyncEngine`); because nothing else crosses the boundary, the loop could run
+in another process or behind several replicas without its callers changing.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, TypeVar
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
+from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
+
+_Result = TypeVar("_Result")
+
+# Tokenizing and templating threads per model: requests are prepared while the engine steps.
+_NUM_PROCESSOR_THREADS = 2
+
+
+class EngineClient:
+    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None) -> None:
+        self.model_info: ModelInfo = engine.model_info()
+        self._processor = processor
+        self._core = AsyncEngine(engine, on_step)
+        self._stats = engine.stats
+        self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
+        self._ids = itertools.count()
+
+    @classmethod
+    def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
+              sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
+              on_step: StepHook | None = None) -> EngineClient:
+        """Load the model (blocking: call it off the event loop) and start its step loop."""
+        engine = LLMEngine(config)
+        processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
+                                              use_generation_config=use_generation_config)
+        return cls(engine, processor, on_step)
+
+    # ---- what the model is ----------------------------------------------------------------------
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        return self._processor.sampling_defaults
+
+    @property
+    def model_defaults(self) -> ModelDefaults:
+        return self._processor.model_defaults
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._processor.chat_template
+
+    def stats(self) -> EngineStats:
+        return self._stats()
+
+    @property
+    def is_running(self) -> bool:
+        return self._core.is_running
+
+    # ---- preparing requests (worker threads) ----------------------------------------------------
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._run(self._processor.tokenize, text, add_special_tokens)
+
+    async def render_chat(self, messages: list[dict[str, Any]], options: ChatOptions = ChatOptions()) -> ChatPrompt:
+        return await self._run(self._processor.render_chat, messages, options)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._run(self._processor.decode, token_ids)
+
+    async def token_strings(self, token_ids: list[int]) -> list[str]:
+        return await self._run(self._processor.token_strings, token_ids)
+
+    def decode_one(self, token_id: int) -> str:
+        """One token's text (cheap enough for the event loop)."""
+        return self._processor.tokenizer.decode([token_id])
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        self._processor.check_token_ids(token_ids, param)
+
+    # ---- running requests -----------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       add_special_tokens: bool = True) -> RequestStream:
+        """Check and queue one request; its outputs arrive on the returned stream. Raises ValueError
+        (nothing queued) for a request the model cannot serve."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens)
+        return await self._core.add_request(request)
+
+    def abort(self, request_id: str) -> None:
+        self._core.abort(request_id)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""
+        self._core.shutdown(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, function: Callable[..., _Result], *args: Any) -> _Result:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)

@@ -1,0 +1,131 @@
+"""The EngineClient and its step loop (AsyncEngine) with a tiny checkpoint: requests checked before they are
+queued, abort and client disconnect free the KV blocks, and an engine failure reaches every open stream
+while the loop keeps serving."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.engine_client import EngineClient
+from pagedserve.engine.processor import ChatOptions
+from pagedserve.sampling_params import OutputKind, SamplingParams
+from pagedserve.server.streaming import collect_final
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama_dir):
+    engine_client = EngineClient.start(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=32,
+                                                    max_num_batched_tokens=64, max_model_len=256, num_threads=1))
+    yield engine_client
+    engine_client.shutdown()
+
+
+def long_params(**changes) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0, "max_tokens": 200, "ignore_eos": True,
+                             "output_kind": OutputKind.DELTA, **changes})
+
+
+async def wait_for(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` on the event loop (the engine steps on its own thread) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def all_blocks_free(client: EngineClient) -> bool:
+    stats = client.stats()
+    return stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_blocks == stats.num_blocks
+
+
+def test_requests_are_checked_before_anything_is_queued(client):
+    async def run():
+        with pytest.raises(ValueError, match="maximum context length is 256"):
+            await client.generate(list(range(5, 255)), SamplingParams(max_tokens=20))
+        with pytest.raises(ValueError, match="token ids must be in") as error:
+            await client.generate([1, 10**6], SamplingParams())
+        assert error.value.param == "prompt"
+        with pytest.raises(ValueError, match="n must be at most"):
+            await client.generate("hi", SamplingParams(n=1000))
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            await client.generate("", SamplingParams(), add_special_tokens=False)
+    asyncio.run(run())
+    assert all_blocks_free(client)
+
+
+def test_a_chat_prompt_is_rendered_and_answered(client):
+    async def run():
+        prompt = await client.render_chat([{"role": "user", "content": "hello"}], ChatOptions())
+        assert prompt.text.endswith("<|im_start|>assistant\n") and prompt.token_ids
+        assert await client.tokenize(prompt.text, add_special_tokens=False) == prompt.token_ids
+        stream = await client.generate(prompt.token_ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                                        output_kind=OutputKind.FINAL_ONLY))
+        outputs = [output async for output in stream]
+        assert len(outputs) == 1 and outputs[0].finished and len(outputs[0].outputs[0].token_ids) == 5
+    asyncio.run(run())
+
+
+def test_abort_frees_the_blocks(client):
+    async def run():
+        stream = await client.generate("hello world", long_params())
+        first = await stream.__anext__()
+        assert not first.finished
+        assert client.stats().num_running == 1
+        stream.abort()
+        await wait_for(lambda: all_blocks_free(client))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+    asyncio.run(run())
+
+
+class _DisconnectingRequest:
+    """What Starlette's Request gives collect_final: `receive()`, answering that the client hung up once
+    `hang_up` is set."""
+
+    def __init__(self) -> None:
+        self.hang_up = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.hang_up.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_a_client_that_disconnects_aborts_its_requests(client):
+    async def run():
+        streams = [await client.generate(prompt, long_params(output_kind=OutputKind.FINAL_ONLY))
+                   for prompt in ("one two", "three four")]
+        request = _DisconnectingRequest()
+        collecting = asyncio.ensure_future(collect_final(streams, request))
+        await wait_for(lambda: client.stats().num_running == 2)
+        request.hang_up.set()
+        assert await collecting is None
+        await wait_for(lambda: all_blocks_free(client))
+    asyncio.run(run())
+
+
+def test_an_engine_failure_reaches_every_stream_and_the_loop_goes_on(client, monkeypatch):
+    engine = client._core.engine
+    failures = []
+    real_execute = engine.runner.execute
+
+    def execute_once_failing(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("injected step failure")
+        return real_execute(*args, **kwargs)
+
+    async def run():
+        streams = [await client.generate(prompt, long_params()) for prompt in ("alpha", "beta", "gamma")]
+        monkeypatch.setattr(engine.runner, "execute", execute_once_failing)
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="injected step failure"):
+                async for _ in stream:
+                    pass
+        await wait_for(lambda: all_blocks_free(client))
+        assert client.is_running
+        after = await client.generate("delta", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        outputs = [output async for output in after]
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3
+    asyncio.run(run())
