@@ -82,7 +82,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf_config, "attention_bias", model_type == "qwen2")),
-            hidden_act=getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", "silu"),
+            hidden_act=str(getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", "silu")),
             sliding_windows=_sliding_windows(hf_config, num_layers),
             bos_token_id=hf_config.bos_token_id,
             eos_token_ids=eos_ids,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
 from pagedserve.engine.sequence import Sequence
@@ -80,13 +81,13 @@ class BlockManager:
         self.num_prefix_hits += len(hit_ids) * self.block_size
         return hit_ids
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: SequenceOf[int] = ()) -> bool:
         num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         num_new_blocks = self.num_blocks_for(num_tokens) - len(seq.block_ids) - len(cached_block_ids)
         num_revived = sum(1 for block_id in cached_block_ids if self.blocks[block_id].ref_count == 0)
         return num_new_blocks <= self.num_free_blocks - num_revived
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: SequenceOf[int] = ()) -> bool:
         """Give `seq` the cached blocks plus enough fresh ones for `num_new_tokens` more tokens.
 
         Returns False, changing nothing, when the free list is too short.

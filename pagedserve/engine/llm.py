@@ -1,7 +1,7 @@
 """The offline API: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
 from __future__ import annotations
 
-from typing import Any, Sequence as SequenceOf
+from typing import Any, Sequence as SequenceOf, cast
 
 from tqdm.auto import tqdm
 
@@ -54,7 +54,8 @@ class LLM:
              sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        is_one = bool(messages) and isinstance(messages[0], dict)
+        conversations = cast(list[list[dict[str, Any]]], [messages] if is_one else messages)
         options = ChatOptions(add_generation_prompt=add_generation_prompt, chat_template=chat_template,
                               chat_template_kwargs=chat_template_kwargs)
         prompts = [self.processor.render_chat(conversation, options).token_ids for conversation in conversations]

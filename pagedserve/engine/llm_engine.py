@@ -131,7 +131,7 @@ class LLMEngine:
                                  index=index, arrival_time=request.arrival_time))
             detokenizers.append(IncrementalDetokenizer(backend, prompt_token_ids, seq_params))
         seqs[0].pending_forks = seqs[1:]
-        prompt_logprobs = [None] if params.prompt_logprobs is not None else None
+        prompt_logprobs: list[PositionLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self._requests[request_id] = _Request(request_id, request.prompt, prompt_token_ids, params, seqs,
                                               detokenizers, RequestMetrics(request.arrival_time), prompt_logprobs,
                                               [0] * params.n)
@@ -202,13 +202,14 @@ class LLMEngine:
         for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
             seq = scheduled_seqs[seq_id]
             request = self._requests[seq.request_id]
+            assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
             request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
         for seq in appended:
             request = self._requests[seq.request_id]
             touched[request.request_id] = request
             self.num_generation_tokens_total += 1
             metrics = request.metrics
-            if metrics.first_token_time is None:
+            if metrics.first_token_time is None or metrics.last_token_time is None:
                 metrics.first_token_time = now
             elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
                 metrics.token_gaps.append(now - metrics.last_token_time)
@@ -265,7 +266,7 @@ class LLMEngine:
         return entries
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return str(self.tokenizer.decode([token_id]))
 
     # ---- sizing ---------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Rendering chat messages into a prompt with the model's (or the user's) Jinja chat template."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,12 +43,15 @@ def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[s
             "this model has no chat template, so chat requests cannot be formatted; use the completions "
             "API, or start the server with --chat-template FILE_OR_STRING")
     kwargs = dict(chat_template_kwargs or {})
+    tool_list: list[dict[str, Any] | Callable[..., Any]] | None = list(tools) if tools is not None else None
     try:
-        return tokenizer.apply_chat_template(
-            normalize_messages(messages), tokenize=False, chat_template=template, tools=tools,
+        rendered = tokenizer.apply_chat_template(
+            normalize_messages(messages), tokenize=False, chat_template=template, tools=tool_list,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
             continue_final_message=continue_final_message, **kwargs)
     except ValueError:
         raise
     except Exception as error:   # jinja2 raises its own types for template errors and raise_exception()
         raise ValueError(f"chat template failed: {error}") from None
+    assert isinstance(rendered, str), "apply_chat_template(tokenize=False) returns text"
+    return rendered

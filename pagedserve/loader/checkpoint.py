@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -54,6 +55,6 @@ def open_checkpoint(config: EngineConfig) -> Checkpoint:
     return Checkpoint(source, ModelConfig.from_hf(hf_config), tokenizer, defaults, num_tensors, iter_weights)
 
 
-def _float_weights(folder, packed: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def _float_weights(folder: Path, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
     # safetensors checkpoints hold float tensors only; there is nothing to keep packed.
-    return iter_safetensors_weights(folder)
+    yield from iter_safetensors_weights(folder)

@@ -56,7 +56,7 @@ class _Reader(gguf.GGUFReader):
     every metadata array; the plain view makes reading a 262k-token vocabulary about 5x faster.
     """
 
-    @property
+    @property  # type: ignore[override]   # a plain ndarray where the reader declares a memmap
     def data(self) -> np.ndarray:
         return self._data
 
@@ -348,7 +348,7 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
             num_heads = hf_config.num_attention_heads if leaf == "attn_q" else hf_config.num_key_value_heads
             order = _unpermuted_row_order(info.shape[0], num_heads)
             weight = weight.rows(torch.from_numpy(order)) if isinstance(weight, PackedWeight) else weight[order]
-        if architecture in _OFFSET_NORM_ARCHITECTURES and leaf.endswith("norm"):
+        if architecture in _OFFSET_NORM_ARCHITECTURES and leaf.endswith("norm") and isinstance(weight, np.ndarray):
             weight -= 1.0
         yield hf_name, weight if isinstance(weight, PackedWeight) else torch.from_numpy(weight)
 

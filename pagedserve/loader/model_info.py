@@ -91,6 +91,8 @@ def _gguf_file_type(metadata: dict[str, Any]) -> str:
     import gguf
 
     file_type = metadata.get("general.file_type")
+    if file_type is None:
+        return "unknown"
     try:
         name = gguf.LlamaFileType(int(file_type)).name
     except (TypeError, ValueError):
@@ -104,7 +106,7 @@ def _describe_hf(folder: Path) -> ModelDetails:
     config = _read_json(folder / "config.json")
     text_config = config.get("text_config") or config
     files = safetensors_files(folder)
-    num_params, dtypes = 0, Counter()
+    num_params, dtypes = 0, Counter[str]()
     for file in files:
         for tensor in _safetensors_header(file).values():
             count = math.prod(tensor["shape"])
