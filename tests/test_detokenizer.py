@@ -199,6 +199,17 @@ def test_a_stop_string_of_split_characters(tiny):
     assert result.num_tokens_used == len("今天天气很好".encode())
 
 
+def test_stop_strings_count_only_after_min_tokens(tiny):
+    """As with EOS and stop_token_ids: a stop string ends the answer only once min_tokens tokens are out
+    (one that ends inside the first min_tokens tokens does not count, as in vLLM)."""
+    token_ids = byte_tokens(tiny, "a.b.c.d")
+    assert stream(tiny, token_ids, stop=["."]).text == "a"
+    later = stream(tiny, token_ids, stop=["."], min_tokens=3)
+    assert later.text == "a.b" and later.stop == "." and later.num_tokens_used == 4
+    assert stream(tiny, byte_tokens(tiny, "ab.cd"), stop=["b.c"], min_tokens=2).text == "a"     # ends in token 4
+    assert stream(tiny, byte_tokens(tiny, "ab.cd"), stop=["b.c"], min_tokens=4).text == "ab.cd"
+
+
 # ---- special tokens --------------------------------------------------------------------------------------
 
 def test_special_tokens_are_skipped_or_kept(tiny):

@@ -4,9 +4,9 @@ Text is produced with the tokenizers library's `DecodeStream`, primed with the e
 first token decodes as a continuation (" Paris", not "Paris"). It yields nothing until a token completes a
 UTF-8 character, so a streamed Chinese character or emoji never arrives broken. When the sequence ends
 inside a character, the whole characters the stream still holds are given and the unfinished one is left
-out (as vLLM leaves it out: it could only be U+FFFD). Stop strings are matched on the text; while
-streaming, the last `len(longest stop) - 1` characters are held back in case they turn out to be the start
-of a stop string.
+out (as vLLM leaves it out: it could only be U+FFFD). Stop strings are matched on the text once
+`min_tokens` tokens are out; while streaming, the last `len(longest stop) - 1` characters are held back in
+case they turn out to be the start of a stop string.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ class IncrementalDetokenizer:
         self._num_prompt_chars_held = len(self._held_text())
         self._stops = params.stop
         self._include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
         self._holdback = max((len(s) for s in self._stops), default=1) - 1
+        self._num_output_tokens = 0
         self._is_stopped = False
         self.text = ""
         self._num_emitted_chars = 0
@@ -42,6 +44,7 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str | None:
         """Append one token's text; returns the stop string if the text now contains one (then the
         text is cut at it, or after it when the request includes stop strings in the output)."""
+        self._num_output_tokens += 1
         return self._append(self._step(token_id))
 
     @property
@@ -71,9 +74,13 @@ class IncrementalDetokenizer:
         piece = piece[num_skipped:]
         if not piece or self._is_stopped:
             return None
-        search_from = max(len(self.text) - self._holdback, 0)
+        num_chars_before = len(self.text)
         self.text += piece
-        matches = [(index, stop) for stop in self._stops if (index := self.text.find(stop, search_from)) != -1]
+        if self._num_output_tokens <= self._min_tokens:
+            return None
+        # A stop string counts when it ends in the new text (so not inside the first min_tokens tokens).
+        matches = [(index, stop) for stop in self._stops
+                   if (index := self.text.find(stop, max(num_chars_before - len(stop) + 1, 0))) != -1]
         if not matches:
             return None
         index, stop = min(matches)
