@@ -11,12 +11,34 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import httpx
 
 # Loading SmolLM2 takes 15-30 s on a busy 2-core machine; importing torch and transformers adds more.
 READY_TIMEOUT_SECONDS = 240
+# Never in the log of a server that works: bad requests and disconnects are the client's business.
+TROUBLE_SIGNS = ("Traceback", "ERROR", "Task was destroyed", "never awaited", "Exception in ASGI")
+
+RUNNING = "vllm:num_requests_running"
+FREE_BLOCKS = "pagedserve:kv_cache_free_blocks"
+TOTAL_BLOCKS = "pagedserve:kv_cache_total_blocks"
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str | Callable[[], str], timeout: float = 30.0,
+               interval: float = 0.1) -> T:
+    """Poll `condition()` until it returns something truthy, and return that. After `timeout` seconds,
+    fail saying what was awaited: `what`, or what `what()` says then (say, the values last seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -34,7 +56,9 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {})}
         self._log_file = Path(tempfile.mkstemp(prefix="pagedserve-server-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
-        self.health_statuses: set[int] = set()    # what /health answered while we waited
+        self.listening_health: httpx.Response | None = None   # see wait_listening
+        self.log_when_listening = ""
+        self._num_log_bytes_checked = 0
 
     def start(self) -> ServerProcess:
         with self._log_file.open("wb") as log:
@@ -43,13 +67,33 @@ class ServerProcess:
         return self
 
     @contextmanager
-    def running(self) -> Iterator[ServerProcess]:
-        """Started and ready inside the block; stopped after it, also when it never became ready."""
+    def running(self, until_ready: bool = True) -> Iterator[ServerProcess]:
+        """Started (and ready, unless not `until_ready`) inside the block; stopped after it, also when it
+        never became ready."""
         self.start()
         try:
-            yield self.wait_ready()
+            yield self.wait_ready() if until_ready else self
         finally:
             self.stop()
+
+    def wait_listening(self, timeout: float = READY_TIMEOUT_SECONDS) -> ServerProcess:
+        """Wait for the start-up line saying the server listens, then ask /health once: uvicorn listens
+        before the models load in the background (which takes seconds). `listening_health` keeps that
+        answer and `log_when_listening` the log as it stood once the answer came."""
+        self.wait_for_log(" listening on ", timeout)
+        self.listening_health = httpx.get(self.url("/health"), timeout=30)
+        self.log_when_listening = self.log()
+        return self
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> str:
+        """The log once it contains `text`; fails if the server exits first."""
+        def logged() -> str:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            log = self.log()
+            return log if text in log else ""
+
+        return wait_until(logged, f"{text!r} in the server log", timeout)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -57,9 +101,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                status = httpx.get(self.base_url + "/health", timeout=5).status_code
-                self.health_statuses.add(status)
-                if status == 200:
+                if httpx.get(self.base_url + "/health", timeout=5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -68,6 +110,16 @@ class ServerProcess:
 
     def log(self) -> str:
         return self._log_file.read_text(errors="replace")
+
+    def check_log(self) -> None:
+        """The log written since the last check shows nothing went wrong inside (see TROUBLE_SIGNS)."""
+        written = self._log_file.read_bytes()
+        new = written[self._num_log_bytes_checked:].decode(errors="replace")
+        self._num_log_bytes_checked = len(written)
+        for sign in TROUBLE_SIGNS:
+            if sign in new:
+                index = new.index(sign)
+                raise AssertionError(f"{sign!r} in the server log:\n{new[max(index - 2000, 0):index + 2000]}")
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -93,6 +145,26 @@ class ServerProcess:
             if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
                 return float(line.rsplit(" ", 1)[1])
         return default
+
+    def wait_for_metrics(self, expected: dict[str, float], timeout: float = 15.0) -> None:
+        """Wait until each /metrics sample named in `expected` has its value (see `metric`)."""
+        seen: dict[str, float] = {}
+
+        def reached() -> bool:
+            seen.update({name: self.metric(name) for name in expected})
+            return seen == expected
+
+        wait_until(reached, lambda: f"metrics {expected}; last seen {seen}", timeout)
+
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Wait until no request runs and every KV block is free (a server with one model loaded)."""
+        seen: dict[str, float] = {}
+
+        def idle() -> bool:
+            seen.update({name: self.metric(name) for name in (RUNNING, FREE_BLOCKS, TOTAL_BLOCKS)})
+            return seen[RUNNING] == 0 and seen[FREE_BLOCKS] == seen[TOTAL_BLOCKS]
+
+        wait_until(idle, lambda: f"no running request and every KV block free; last seen {seen}", timeout)
 
 
 def sse_events(response: httpx.Response) -> list[dict | str]:

@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from pagedserve.config import EngineConfig, ServerConfig
 from pagedserve.server.app import create_app
+from tests.server_process import wait_until
 
 
 def serve(model: Path | str, on_fatal=None, **server_options) -> TestClient:
@@ -24,10 +25,9 @@ def serve(model: Path | str, on_fatal=None, **server_options) -> TestClient:
 
 
 def wait_ready(client: TestClient, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/health").status_code == 503 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert client.get("/health").status_code == 200
+    status = wait_until(lambda: (code := client.get("/health").status_code) != 503 and code, "the model to load",
+                        timeout)
+    assert status == 200
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +92,14 @@ def test_cors_preflight(tiny_llama_dir):
 
 def test_a_model_that_fails_to_load(tmp_path):
     failures = []
-    with serve(tmp_path / "missing.gguf", on_fatal=failures.append) as client:
-        deadline = time.monotonic() + 60
-        while not failures and time.monotonic() < deadline:
-            time.sleep(0.05)
+    failed = threading.Event()
+
+    def on_fatal(error: BaseException) -> None:
+        failures.append(error)
+        failed.set()
+
+    with serve(tmp_path / "missing.gguf", on_fatal=on_fatal) as client:
+        assert failed.wait(60), "on_fatal was not called within 60 s"
         health = client.get("/health")
         assert health.status_code == 500 and "failed to load" in health.json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": "hi"}).status_code == 500

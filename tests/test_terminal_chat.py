@@ -190,10 +190,7 @@ def test_chat_with_a_server(chat_server):
         say(child, "/set max_tokens 2000")
         num_aborted = chat_server.metric(ABORTED)
         interrupt_a_long_answer(child)
-        deadline = time.monotonic() + 15
-        while chat_server.metric(RUNNING) != 0 and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert chat_server.metric(RUNNING) == 0 and chat_server.metric(ABORTED) == num_aborted + 1
+        chat_server.wait_for_metrics({RUNNING: 0, ABORTED: num_aborted + 1})
 
         child.sendeof()    # Ctrl-D
         child.expect(pexpect.EOF, timeout=15)

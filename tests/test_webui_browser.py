@@ -1,18 +1,19 @@
 """The web chat in a real browser: Debian's headless Chromium, driven by Selenium, against a live
 SmolLM2 server that wants an API key.
 
-The tests run in order in one browser: the first one gives the page its key (kept in localStorage).
+The tests share one browser; each opens the page afresh and gives it the key if it asks (the page keeps
+it in localStorage), so they run in any order.
 Chromium comes from apt (`make test` installs it); without it these tests fail rather than skip.
 """
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.chat_server import API_KEY, MODEL_NAMES
+from tests.server_process import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -23,13 +24,12 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 ABORTED = 'vllm:request_success_total{finished_reason="abort",model_name="smollm2"}'
 RUNNING = "vllm:num_requests_running"
 
-# Records the last answer's text on every change of the page, and whether it was still streaming.
+# Records the last answer's text on every change of the page, and its classes then ("streaming", "stopped").
 RECORD_PARTIALS = """
 window.partials = [];
 new MutationObserver(() => {
   const answer = [...document.querySelectorAll(".message.assistant")].at(-1);
-  if (answer) window.partials.push([answer.querySelector(".content").textContent,
-                                    answer.classList.contains("streaming")]);
+  if (answer) window.partials.push([answer.querySelector(".content").textContent, [...answer.classList]]);
 }).observe(document.getElementById("messages"), {childList: true, subtree: true, characterData: true,
                                                  attributes: true});
 """
@@ -74,17 +74,6 @@ def browser(tmp_path_factory):
         driver.quit()
 
 
-def wait_for(condition, timeout: float = 30, interval: float = 0.05, message: str = ""):
-    """Poll `condition()` until it returns something truthy; that value is returned."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message or condition}")
-
-
 def by_id(browser, element_id: str):
     from selenium.webdriver.common.by import By
 
@@ -102,11 +91,11 @@ def is_asking_for_the_key(browser) -> bool:
 def open_chat(browser, server) -> None:
     """A fresh page with its model list loaded, given the key if it asks (it remembers it once given)."""
     browser.get(server.url("/"))
-    wait_for(lambda: model_names(browser) or is_asking_for_the_key(browser), message="the model list or the key")
+    wait_until(lambda: model_names(browser) or is_asking_for_the_key(browser), what="the model list or the key")
     if is_asking_for_the_key(browser):
         by_id(browser, "api-key").send_keys(API_KEY)
         by_id(browser, "key-save").click()
-    wait_for(lambda: model_names(browser), message="the model list")
+    wait_until(lambda: model_names(browser), what="the model list")
 
 
 def set_value(browser, element_id: str, value: str) -> None:
@@ -134,14 +123,14 @@ def test_the_page_asks_for_the_api_key_then_lists_the_models(browser, chat_serve
     browser.execute_script("localStorage.clear()")
     browser.refresh()
     dialog = by_id(browser, "key-dialog")
-    wait_for(lambda: is_asking_for_the_key(browser) and dialog.is_displayed(), message="the key dialog")
+    wait_until(lambda: is_asking_for_the_key(browser) and dialog.is_displayed(), what="the key dialog")
     by_id(browser, "api-key").send_keys("not-the-key")
     by_id(browser, "key-save").click()
-    wait_for(lambda: "refused" in by_id(browser, "key-error").text, message="the key to be refused")
+    wait_until(lambda: "refused" in by_id(browser, "key-error").text, what="the key to be refused")
     assert dialog.get_attribute("open") is not None and model_names(browser) == []
     by_id(browser, "api-key").send_keys(API_KEY)
     by_id(browser, "key-save").click()
-    assert wait_for(lambda: model_names(browser), message="the model list") == list(MODEL_NAMES)
+    assert wait_until(lambda: model_names(browser), what="the model list") == list(MODEL_NAMES)
     assert dialog.get_attribute("open") is None
     assert browser.execute_script("return localStorage.getItem('pagedserve.apiKey')") == API_KEY
 
@@ -152,12 +141,12 @@ def test_an_answer_streams_in_and_ends_with_its_stats(browser, chat_server):
     set_value(browser, "max-tokens", "40")
     browser.execute_script(RECORD_PARTIALS)
     ask(browser, "What is the capital of France?")
-    answer = wait_for(lambda: (a := last_answer(browser)) and "streaming" not in a["classes"] and a, timeout=120,
-                      interval=0.2, message="the answer to finish")
+    answer = wait_until(lambda: (a := last_answer(browser)) and "streaming" not in a["classes"] and a, timeout=120,
+                        interval=0.2, what="the answer to finish")
     assert "done" in answer["classes"], answer
     assert "Paris" in answer["text"]
-    partials = {text for text, is_streaming in browser.execute_script("return window.partials")
-                if is_streaming and text}
+    partials = {text for text, classes in browser.execute_script("return window.partials")
+                if "streaming" in classes and text}
     assert len(partials) >= 2, partials    # it grew in front of us, not all at once
     assert re.fullmatch(r"\d+ tokens · \d+\.\d tok/s · TTFT \d+ ms", answer["stats"]), answer["stats"]
 
@@ -167,18 +156,22 @@ def test_stop_ends_the_answer_and_the_request_on_the_server(browser, chat_server
     set_value(browser, "temperature", "0")
     set_value(browser, "max-tokens", "2000")
     num_aborted = chat_server.metric(ABORTED)
+    browser.execute_script(RECORD_PARTIALS)
     ask(browser, "Count from 1 to 1000, separated by commas.")
-    wait_for(lambda: len(last_answer(browser)["text"]) >= 20, timeout=120, message="the answer to start")
+    wait_until(lambda: len(last_answer(browser)["text"]) >= 20, timeout=120, what="the answer to start")
     assert chat_server.metric(RUNNING) == 1
     by_id(browser, "stop").click()
-    answer = wait_for(lambda: (a := last_answer(browser)) and "stopped" in a["classes"] and a, timeout=5,
-                      message="the page to show the answer stopped")
+    answer = wait_until(lambda: (a := last_answer(browser)) and "stopped" in a["classes"] and a, timeout=5,
+                        what="the page to show the answer stopped")
     assert answer["stats"] == "Stopped."
     assert not by_id(browser, "stop").is_enabled() and by_id(browser, "send").is_enabled()
-    wait_for(lambda: chat_server.metric(RUNNING) == 0, timeout=15, interval=0.25, message="no running requests")
-    assert chat_server.metric(ABORTED) == num_aborted + 1
-    time.sleep(0.5)
-    assert last_answer(browser)["text"] == answer["text"]    # nothing more arrived
+    chat_server.wait_for_metrics({RUNNING: 0, ABORTED: num_aborted + 1})
+    # The server has aborted the request, so no more text can come: from the change that showed the answer
+    # stopped to now, the page recorded that text and nothing more.
+    history = browser.execute_script("return window.partials")
+    stopped_at = next(index for index, (_, classes) in enumerate(history) if "stopped" in classes)
+    assert {text for text, _ in history[stopped_at:]} == {answer["text"]}
+    assert last_answer(browser)["text"] == answer["text"]
     by_id(browser, "new-chat").click()
     assert browser.execute_script("return document.querySelectorAll('#messages .message').length") == 0
 
@@ -205,14 +198,14 @@ def test_thinking_is_shown_apart_from_the_answer_and_not_sent_back(browser, chat
     browser.execute_script(FAKE_CHAT_STREAM, cut)
 
     ask(browser, "What is six times seven?")
-    answer = wait_for(lambda: (a := last_answer(browser)) and "done" in a["classes"] and a, message="answer one")
+    answer = wait_until(lambda: (a := last_answer(browser)) and "done" in a["classes"] and a, what="answer one")
     assert not answer["thinking_hidden"] and answer["thinking"] == "Let me think about it."
     assert answer["thinking_summary"] == "Thoughts"
     assert answer["html"] == "<p>The answer is <strong>42</strong>.</p>"
     assert answer["stats"].startswith("9 tokens")
 
     ask(browser, "And the second?")
-    answer = wait_for(lambda: (a := last_answer(browser)) and "done" in a["classes"] and a, message="answer two")
+    answer = wait_until(lambda: (a := last_answer(browser)) and "done" in a["classes"] and a, what="answer two")
     assert answer["thinking"] == "inner reasoning" and answer["text"] == "Plain answer."
     sent = browser.execute_script("return window.sentBodies")
     assert sent[1]["messages"] == [{"role": "system", "content": "Answer briefly."},

@@ -127,15 +127,18 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         ks = torch.tensor([k if k else vocab_size for k in top_ks], device=logits.device).clamp(max=vocab_size)
         kth_values = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
         logits = logits.masked_fill(logits < kth_values, float("-inf"))
-    top_ps = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_ps):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens strictly more likely already reach top_p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= torch.tensor(top_ps, device=logits.device)[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    top_ps = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+    if bool((top_ps < 1.0).any()):
+        probs = logits.softmax(dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        # Drop a token when the tokens strictly more likely already reach top_p: the least likely token
+        # kept is the one whose mass reaches top_p, and every token as likely as it stays too (which of
+        # two equally likely tokens survives must not depend on their ids).
+        num_short = (sorted_probs.cumsum(dim=-1) < top_ps).sum(dim=-1, keepdim=True)
+        least_kept = sorted_probs.gather(1, num_short.clamp(max=logits.shape[1] - 1))
+        # NOTE: top_p 1 keeps everything, also when the float32 running sum reaches 1 before the tail.
+        least_kept = least_kept.masked_fill(top_ps >= 1.0, 0.0)
+        logits = logits.masked_fill(probs < least_kept, float("-inf"))
     probs = logits.softmax(dim=-1)
     min_ps = [p.min_p for p in params]
     if any(min_ps):
