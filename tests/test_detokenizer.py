@@ -240,7 +240,7 @@ def test_the_engines_output_kinds_agree_on_every_text(tiny_llama_dir, restore_to
         texts = {}
         for kind in OutputKind:
             params = SamplingParams(temperature=1.0, seed=seed, max_tokens=3 + seed, output_kind=kind)
-            engine.add_request(kind.value, "你好，世界 🎉", params)
+            engine.add_request(llm.processor.process(kind.value, "你好，世界 🎉", params))
         streamed, token_ids = [], []
         while engine.has_unfinished_requests():
             for output in engine.step():
