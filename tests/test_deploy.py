@@ -1,13 +1,17 @@
 """deploy/: every Kubernetes overlay renders and each object validates against the Kubernetes schemas; ports,
-probes, selectors and server flags agree (tests/k8s_checks.py). The image itself is built and run by
-`make docker-test`.
+probes, selectors and server flags agree (tests/k8s_checks.py); the compose file validates and its services
+agree with each other; the Dockerfile keeps its promises. The image itself is built and run by `make docker-test`.
 
 Rendering uses `kustomize build` or `kubectl kustomize` where either is installed, else tests/kustomize_lite.py
-(checked against kubectl where both exist).
+(checked against kubectl where both exist). The compose file is validated against the compose-spec JSON schema
+that check-jsonschema ships, and with `docker compose config` where Docker Compose v2 is installed.
 """
 from __future__ import annotations
 
 import copy
+import importlib.resources
+import json
+import os
 import shutil
 import subprocess
 from functools import cache
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import k8s_checks, kustomize_lite
+from tests import compose_checks, k8s_checks, kustomize_lite
 from tests.dockerfile import entrypoint
 from tests.serve_command import parse_serve
 
@@ -148,3 +152,106 @@ def test_checks_catch_a_broken_ray_layout(edit, expected):
     problems = _broken("overlays/ray-cluster", edit)
     assert any(expected in problem for problem in problems), problems
 
+
+# ---- docker compose -------------------------------------------------------------------------------------
+
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+
+
+def compose_file() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def nginx_conf() -> str:
+    return (DEPLOY / "nginx.conf").read_text()
+
+
+def compose_v2() -> list[str] | None:
+    """`docker compose` (the plugin) or a docker-compose that is Compose v2, if installed."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        result = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=60)
+        if result.returncode == 0 and result.stdout.strip().lstrip("v").startswith("2."):
+            return command
+    return None
+
+
+def test_compose_file_matches_the_compose_spec_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("check_jsonschema")
+    # The compose-spec project's schema, as check-jsonschema vendors it (with its license beside it).
+    schema_file = importlib.resources.files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    jsonschema.validate(compose_file(), schema)
+    jsonschema.validate(compose_checks.interpolate(compose_file(), {}), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**compose_file(), "services": {"pagedserve": {"helthcheck": {}}}}, schema)
+
+
+@pytest.mark.skipif(compose_v2() is None, reason="Docker Compose v2 is not installed")
+def test_docker_compose_config_accepts_the_file():
+    result = subprocess.run([*compose_v2(), "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PAGEDSERVE_IMAGE": "pagedserve:test"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_agree_with_each_other_and_the_cli():
+    compose = compose_checks.interpolate(compose_file(), {})
+    assert compose_checks.compose_problems(compose, entrypoint(), nginx_conf()) == []
+
+
+def test_compose_environment_drives_the_server():
+    environ = {"MODEL_NAME": "/models/DeepSeek-R1-Q4_K_M-00001-of-00009.gguf", "SERVED_MODEL_NAME": "DeepSeek-R1",
+               "MAX_MODEL_LEN": "16384", "TENSOR_PARALLEL_SIZE": "4", "NUM_THREADS": "8", "PAGEDSERVE_API_KEY": "k"}
+    compose = compose_checks.interpolate(compose_file(), environ)
+    server = compose["services"]["pagedserve"]
+    parsed = parse_serve(compose_checks.serve_arguments(server, entrypoint()))
+    engine, server_config = parsed["engine"], parsed["server"]
+    assert (engine.model, engine.max_model_len, engine.tensor_parallel_size, engine.num_threads) == (
+        environ["MODEL_NAME"], 16384, 4, 8)
+    assert server_config.served_model_name == ("DeepSeek-R1",)
+    assert compose_checks.environment(server)["PAGEDSERVE_API_KEY"] == "k"
+    assert compose_checks.environment(compose["services"]["open-webui"])["OPENAI_API_KEY"] == "k"
+    assert compose_checks.compose_problems(compose, entrypoint(), nginx_conf()) == []
+
+
+def _compose_edit(service: str, edit):
+    compose = compose_checks.interpolate(compose_file(), {})
+    edit(compose["services"][service])
+    return compose
+
+
+@pytest.mark.parametrize("compose, conf, expected", [
+    (_compose_edit("pagedserve", lambda s: s["healthcheck"].update(test=["CMD", "true"])), None,
+     "pagedserve: no health check of /health"),
+    (_compose_edit("pagedserve", lambda s: s.update(expose=["8080"])), None, "listens on 8000, but exposes"),
+    (_compose_edit("pagedserve", lambda s: s["command"].append("--port=9000")), None,
+     "nginx proxies to pagedserve:8000, which is no server's port"),
+    (_compose_edit("pagedserve", lambda s: s.update(stop_grace_period="3s")), None, "stop_grace_period 3s"),
+    (_compose_edit("pagedserve", lambda s: s.pop("restart")), None, "restart policy None"),
+    (_compose_edit("pagedserve", lambda s: s["volumes"].append("cache:/cache")), None, "volume cache is not declared"),
+    (_compose_edit("open-webui", lambda s: s["environment"].update(OPENAI_API_BASE_URL="http://pagedserve:8080/v1")),
+     None, "open-webui: OPENAI_API_BASE_URL asks pagedserve:8080, which answers on 8000"),
+    (_compose_edit("open-webui", lambda s: s["environment"].update(OPENAI_API_BASE_URL="http://pagedserve:8000")),
+     None, "must end in /v1"),
+    (_compose_edit("open-webui", lambda s: s["environment"].update(OPENAI_API_KEY="other")), None,
+     "open-webui: sends the API key 'other'"),
+    (_compose_edit("lb", lambda s: s.update(ports=["8000:80"])), None, "nginx listens on 8000, but the published"),
+    (None, "server { listen 8000; location / { proxy_pass http://open-webui:8080; } }",
+     "nginx proxies to open-webui:8080, which is no server's port"),
+])
+def test_compose_checks_catch_a_broken_file(compose, conf, expected):
+    compose = compose or compose_checks.interpolate(compose_file(), {})
+    problems = compose_checks.compose_problems(compose, entrypoint(), conf or nginx_conf())
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_nginx_conf_is_valid_nginx(tmp_path):
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; include {DEPLOY / 'nginx.conf'}; }}\n")
+    result = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
