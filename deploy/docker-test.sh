@@ -8,6 +8,8 @@
 #     /v1/models and /v1/chat/completions with the API key
 #  4. docker stop during a streamed answer: the stream ends with an error event and the server exits 0
 #  5. docker compose: `config` of deploy/docker-compose.yml, then `up --wait` of its two pagedserve replicas
+#  6. with DOCKER_TEST_RAY=1: an image with Ray, and the ray-cluster overlay's head and worker scripts as
+#     written, in two containers sharing one network namespace that has only loopback
 #
 # DOCKER_TEST_NETWORK=host (default) runs the container on the host's network, so every request goes to
 # 127.0.0.1; =bridge publishes the port with -p instead. Set KEEP_DOCKERD=1 to leave a dockerd started here.
@@ -33,7 +35,7 @@ fail() { printf 'FAILED: %s\n' "$*" >&2; exit 1; }
 
 started_dockerd=
 cleanup() {
-    docker rm -f "$NAME" >/dev/null 2>&1 || true
+    docker rm -f "$NAME" "$NAME-ray-head" "$NAME-ray-worker" >/dev/null 2>&1 || true
     docker volume rm "$VOLUME" >/dev/null 2>&1 || true
     if [ -n "${COMPOSE:-}" ]; then $COMPOSE -p pagedserve-docker-test down -v >/dev/null 2>&1 || true; fi
     if [ -n "$started_dockerd" ] && [ -z "${KEEP_DOCKERD:-}" ]; then
@@ -116,6 +118,7 @@ ensure_base_image() {
     docker run --rm --network none "$BASE_IMAGE" python3 --version
 }
 
+BUILD_ARGS=()
 build_image() {
     step "docker build -f deploy/Dockerfile -t $IMAGE ."
     local args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
@@ -129,6 +132,7 @@ build_image() {
         echo "PyTorch's CPU index is unreachable: using $wheel"
         args+=(--build-arg TORCH_INDEX_URL= --build-arg TORCH_VERSION=2.13.0+cpu)
     fi
+    BUILD_ARGS=("${args[@]}")
     local start=$SECONDS
     if ! docker build --network host -f deploy/Dockerfile -t "$IMAGE" "${args[@]}" . >"$WORK/build.log" 2>&1; then
         tail -40 "$WORK/build.log"; fail "docker build (full log: $WORK/build.log)"
@@ -241,6 +245,47 @@ compose_test() {
     echo "up --wait: both replicas healthy; down: removed"
 }
 
+overlay_script() {  # overlay_script IMAGE FILE: the first container's script in a ray-cluster overlay file
+    docker run --rm --network none -v "$PWD/deploy/k8s/overlays/ray-cluster:/overlay:ro" --entrypoint python "$1" \
+        -c 'import sys, yaml
+print(yaml.safe_load(open("/overlay/" + sys.argv[1]))["spec"]["template"]["spec"]["containers"][0]["args"][0])' "$2"
+}
+
+ray_cluster_test() {
+    step "the ray-cluster overlay's Ray head and worker"
+    [ -n "${DOCKER_TEST_RAY:-}" ] || { echo "SKIPPED: DOCKER_TEST_RAY=1 runs it"; return; }
+    local ray_image=${IMAGE%:*}:ray-test head=$NAME-ray-head worker=$NAME-ray-worker start=$SECONDS
+    docker build --network host -f deploy/Dockerfile -t "$ray_image" "${BUILD_ARGS[@]}" \
+        --build-arg EXTRA_PIP_PACKAGES=ray==2.60.0 . >"$WORK/build-ray.log" 2>&1 || {
+        tail -40 "$WORK/build-ray.log"; fail "docker build with Ray (full log: $WORK/build-ray.log)"; }
+    echo "built $ray_image in $((SECONDS - start)) s"
+    # The overlay's env, with the head's Service name replaced by the loopback both containers share.
+    docker run -d --name "$head" --network none --shm-size 1g -e RAY_NODES=2 -e PAGEDSERVE_NUM_THREADS=1 \
+        -e PAGEDSERVE_MODEL=smollm2-135m-instruct --entrypoint tini "$ray_image" \
+        -- /bin/sh -c "$(overlay_script "$ray_image" ray-head-patch.yaml)" >/dev/null
+    docker run -d --name "$worker" --network "container:$head" --shm-size 1g -e RAY_HEAD_ADDRESS=127.0.0.1:6379 \
+        -e RAY_NUM_CPUS=1 --entrypoint tini "$ray_image" \
+        -- /bin/sh -c "$(overlay_script "$ray_image" ray-worker-statefulset.yaml)" >/dev/null
+    start=$SECONDS
+    until docker exec "$head" python /opt/pagedserve/healthcheck.py 2>/dev/null; do
+        [ "$(docker inspect -f '{{.State.Running}}' "$head")" = true ] || { docker logs "$head" 2>&1 | tail -20; fail "the head exited"; }
+        [ $((SECONDS - start)) -lt "$READY_TIMEOUT" ] || { docker logs "$head" 2>&1 | tail -20; fail "the head never served"; }
+        sleep 2
+    done
+    echo "GET /health on the head: 200, $((SECONDS - start)) s after start"
+    docker logs "$head" 2>&1 | grep -E "Ray nodes are up|parallel-size|executor-backend|listening on" | awk '!seen[$0]++' \
+        | cut -c1-200 | sed 's/^/  head: /'
+    docker exec "$head" python -c 'import ray; ray.init(address="auto", logging_level="ERROR")
+print("Ray nodes alive:", sum(node["Alive"] for node in ray.nodes()), "CPUs:", ray.cluster_resources()["CPU"])' \
+        2>/dev/null
+    docker stop -t 30 "$head" >/dev/null
+    local code
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$head")
+    echo "docker stop of the head: exit code $code"
+    [ "$code" = 0 ] || fail "the head exited $code, not 0"
+    docker rm -f "$head" "$worker" >/dev/null
+}
+
 ensure_docker
 ensure_base_image
 build_image
@@ -248,4 +293,5 @@ run_container
 query_container
 stop_during_stream
 compose_test
+ray_cluster_test
 step "docker-test passed"
