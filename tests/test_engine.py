@@ -185,3 +185,12 @@ def test_a_tiny_temperature_is_greedy(llm):
     prompt = "The capital of France is"
     expected = texts(llm.generate([prompt], greedy(max_tokens=8)))
     assert texts(llm.generate([prompt], SamplingParams(temperature=1e-40, max_tokens=8, seed=5))) == expected
+
+
+def test_parameters_are_counted_by_their_logical_shape(smollm2_path, llm):
+    """Packed 4-bit codes are one parameter each, not half: SmolLM2-135M has 134.5M, as its GGUF lists."""
+    import gguf
+
+    expected = sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(smollm2_path).tensors)
+    assert llm.engine.runner.num_parameters == expected
+    assert round(expected / 1e6, 1) == 134.5

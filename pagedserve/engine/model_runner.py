@@ -67,8 +67,9 @@ class ModelRunner:
 
     @property
     def num_parameters(self) -> int:
+        """Weights counted by their logical shape, packed or not (a 4-bit code is one parameter, not half)."""
         total = sum(p.numel() for p in self.model.parameters())
-        return total + sum(m.packed.codes.numel() for m in self.model.modules() if getattr(m, "packed", None))
+        return total + sum(m.packed.shape.numel() for m in self.model.modules() if getattr(m, "packed", None))
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
