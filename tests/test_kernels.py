@@ -166,3 +166,20 @@ def test_fused_elementwise_ops_match_torch():
     expected_q = ops.rotary(q.clone(), cos, sin, 16)
     ops.enable_cpu_kernels(True)
     torch.testing.assert_close(ops.rotary(q, cos, sin, 16), expected_q)
+
+
+def test_ops_check_their_arguments():
+    packed = make_packed(8, 64, 32, True, 4)
+    with pytest.raises(RuntimeError, match=r"qlinear: x must be \[\.\.\., 64\], got shape \[2, 32\]"):
+        torch.ops.pagedserve.qlinear(torch.randn(2, 32), packed.codes, packed.scales, packed.offsets, None, 32, 4)
+    narrow_offsets = packed.offsets[:, :1].contiguous()
+    with pytest.raises(RuntimeError, match=r"qlinear: offsets must have the shape of scales \[8, 2\], got \[8, 1\]"):
+        torch.ops.pagedserve.qlinear(torch.randn(2, 64), packed.codes, packed.scales, narrow_offsets, None, 32, 4)
+    q, cache = torch.randn(1, 4, 16), torch.zeros(4, 4, 2, 16)
+    with pytest.raises(RuntimeError, match=r"paged_attention: block_tables\[0, 1\] = 4 is not a block of the cache"):
+        torch.ops.pagedserve.paged_attention(torch.empty_like(q), q, cache, cache, torch.tensor([[0, 4]]),
+                                             torch.tensor([6]), 0.25, None, None)
+    with pytest.raises(RuntimeError, match="rms_norm: weight must have size 64 in dim 0"):
+        torch.ops.pagedserve.rms_norm(torch.randn(2, 64), torch.ones(32), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rotary_inplace: cos and sin must be \[2, 8\]"):
+        torch.ops.pagedserve.rotary_inplace(torch.randn(2, 64), torch.ones(3, 8), torch.ones(3, 8), 16)

@@ -89,7 +89,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_heads, head_dim]. Returns None when no kernel applies (the caller takes the torch path)."""
     if not (_fast(q) and k_cache.dtype == torch.float32):
         return None
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)                                       # [num_seqs, num_heads, head_dim]
     torch.ops.pagedserve.paged_attention(out, q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale,
-                                         window or 0, softcap or 0.0)
+                                         window, softcap)
     return out

@@ -1,0 +1,19 @@
+// qlinear: y = x @ dequant(W)^T (+ bias), W kept as int8 codes with a float scale and offset per group
+// of 16 or 32 weights: w = scale * q + offset. Every GGUF block format we load (Q4_0/1, Q5_0/1, Q8_0,
+// Q4_K, Q5_K, Q6_K) is exactly this after unpacking (pagedserve/layers/quant.py's PackedWeight).
+// Few rows stream the packed weights with x rounded to int16 per 32 values (decode); many rows
+// dequantize cache-sized chunks and use torch's GEMM (prefill is compute-bound).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace pagedserve {
+
+// The op torch.ops.pagedserve.qlinear: checks every argument, then multiplies.
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                   int64_t group_size, int64_t bits);
+
+}  // namespace pagedserve
