@@ -324,7 +324,7 @@ at::Tensor qlinear_impl(const at::Tensor& x, const uint8_t* q, const float* scal
   return y;
 }
 
-// Multiplies without checking: the caller has checked the weights and x.
+// Multiplies without checking: every caller has checked the weights (once, or per call) and x.
 at::Tensor qlinear_unchecked(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
                            int64_t group_size, int64_t bits) {
@@ -337,7 +337,7 @@ at::Tensor qlinear_unchecked(const at::Tensor& x, const at::Tensor& codes, const
   return group_size == 32 ? qlinear_impl<32, 8>(x, q, s, o, b, N) : qlinear_impl<16, 8>(x, q, s, o, b, N);
 }
 
-// Weight checks of the op. Returns in_features.
+// Weight checks, shared by the op (each call) and PackedLinear (once). Returns in_features.
 int64_t check_packed(const char* op, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias,
                      int64_t group_size, int64_t bits) {
@@ -381,6 +381,20 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int64_t in_features = check_packed("qlinear", codes, scale, offset, bias, group_size, bits);
   check_activations("qlinear", x, in_features);
   return qlinear_unchecked(x, codes, scale, offset, bias, group_size, bits);
+}
+
+PackedLinear::PackedLinear(at::Tensor codes_, at::Tensor scales_, c10::optional<at::Tensor> offsets_,
+                           c10::optional<at::Tensor> bias_, int64_t group_size_, int64_t bits_)
+    : codes(std::move(codes_)), scales(std::move(scales_)),
+      offsets(offsets_ && offsets_->defined() ? std::move(offsets_) : c10::nullopt),
+      bias(bias_ && bias_->defined() ? std::move(bias_) : c10::nullopt), group_size(group_size_), bits(bits_) {
+  in_features = check_packed("PackedLinear", codes, scales, offsets, bias, group_size, bits);
+  out_features = codes.size(0);
+}
+
+at::Tensor PackedLinear::forward(const at::Tensor& x) const {
+  check_activations("PackedLinear", x, in_features);
+  return qlinear_unchecked(x, codes, scales, offsets, bias, group_size, bits);
 }
 
 }  // namespace pagedserve

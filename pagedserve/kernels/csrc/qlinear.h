@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 
 #include <cstdint>
 
@@ -15,5 +16,25 @@ namespace pagedserve {
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
                    int64_t group_size, int64_t bits);
+
+// A packed [out_features, in_features] weight and its optional bias, checked once when built, as
+// torch.classes.pagedserve.PackedLinear(codes=, scales=, offsets=, bias=, group_size=, bits=). The
+// fused layers hold these, so a step re-checks only its activations. Holds references, not copies.
+struct PackedLinear : torch::CustomClassHolder {
+  PackedLinear(at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> offsets,
+               c10::optional<at::Tensor> bias, int64_t group_size, int64_t bits);
+
+  // x [..., in_features] contiguous float32 -> [..., out_features].
+  at::Tensor forward(const at::Tensor& x) const;
+
+  at::Tensor codes;                     // int8 [out, in] (bits 8) or uint8 [out, in / 2] (bits 4)
+  at::Tensor scales;                    // float32 [out, in / group_size]
+  c10::optional<at::Tensor> offsets;    // like scales; none for symmetric formats
+  c10::optional<at::Tensor> bias;       // float32 [out]
+  int64_t group_size;
+  int64_t bits;
+  int64_t out_features;
+  int64_t in_features;
+};
 
 }  // namespace pagedserve

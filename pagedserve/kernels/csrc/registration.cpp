@@ -1,16 +1,21 @@
-// The one registration of pagedserve's CPU kernels, the ops torch.ops.pagedserve.* (float32 activations).
+// The one registration of pagedserve's CPU kernels: the ops torch.ops.pagedserve.* and the custom
+// classes torch.classes.pagedserve.* (float32 activations).
 //
-// qlinear.{h,cpp}:      qlinear, packed group-quantized weights times float activations
+// qlinear.{h,cpp}:      qlinear and PackedLinear, packed group-quantized weights times float activations
 // attention.{h,cpp}:    paged_attention, one query token per sequence read through the block tables
 // elementwise.{h,cpp}:  add_rms_norm, rms_norm, rotary_inplace, silu_and_mul, gelu_and_mul
-// fused_layer.{h,cpp}:  llama_decode_layer, a whole Llama-family decoder layer for decode-only steps
+// fused_layer.{h,cpp}:  LlamaDecodeLayer, a whole Llama-family decoder layer for decode-only steps
 // common.h:             SIMD helpers and the argument checks every entry point runs
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "attention.h"
 #include "elementwise.h"
 #include "fused_layer.h"
 #include "qlinear.h"
+
+using pagedserve::LlamaDecodeLayer;
+using pagedserve::PackedLinear;
 
 TORCH_LIBRARY(pagedserve, m) {
   m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor? offset, Tensor? bias, int group_size, int bits) -> Tensor");
@@ -21,9 +26,31 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int head_dim) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("gelu_and_mul(Tensor x) -> Tensor");
-  m.def("llama_decode_layer(Tensor(a!) hidden, Tensor(b!) residual, bool first_layer, Tensor?[] weights, int[] ints, "
-        "float[] floats, Tensor cos, Tensor sin, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, "
-        "Tensor block_tables, Tensor context_lens) -> Tensor");
+
+  // NOTE: every constructor and method argument is named (torch::arg, none with a default), so
+  // Python passes them by keyword and a missing or misspelt one is an error naming it.
+  m.class_<PackedLinear>("PackedLinear")
+      .def(torch::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
+                       int64_t>(),
+           "A packed [out_features, in_features] weight and its bias, checked once.",
+           {torch::arg("codes"), torch::arg("scales"), torch::arg("offsets"), torch::arg("bias"),
+            torch::arg("group_size"), torch::arg("bits")})
+      .def("forward", &PackedLinear::forward, "x [..., in_features] -> [..., out_features]", {torch::arg("x")});
+
+  m.class_<LlamaDecodeLayer>("LlamaDecodeLayer")
+      .def(torch::init<at::Tensor, at::Tensor, c10::intrusive_ptr<PackedLinear>, c10::intrusive_ptr<PackedLinear>,
+                       c10::intrusive_ptr<PackedLinear>, c10::intrusive_ptr<PackedLinear>, c10::optional<at::Tensor>,
+                       c10::optional<at::Tensor>, int64_t, int64_t, int64_t, c10::optional<int64_t>, double,
+                       double>(),
+           "A Llama-family decoder layer for decode-only steps, its weights checked once.",
+           {torch::arg("input_norm"), torch::arg("post_norm"), torch::arg("qkv_proj"), torch::arg("o_proj"),
+            torch::arg("gate_up_proj"), torch::arg("down_proj"), torch::arg("q_norm"), torch::arg("k_norm"),
+            torch::arg("num_heads"), torch::arg("num_kv_heads"), torch::arg("head_dim"),
+            torch::arg("sliding_window"), torch::arg("eps"), torch::arg("scale")})
+      .def("forward", &LlamaDecodeLayer::forward, "One decode step of the layer; returns its MLP output.",
+           {torch::arg("hidden"), torch::arg("residual"), torch::arg("first_layer"), torch::arg("cos"),
+            torch::arg("sin"), torch::arg("k_cache"), torch::arg("v_cache"), torch::arg("slot_mapping"),
+            torch::arg("block_tables"), torch::arg("context_lens")});
 }
 
 TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
@@ -34,5 +61,4 @@ TORCH_LIBRARY_IMPL(pagedserve, CPU, m) {
   m.impl("rotary_inplace", &pagedserve::rotary_inplace);
   m.impl("silu_and_mul", &pagedserve::silu_and_mul);
   m.impl("gelu_and_mul", &pagedserve::gelu_and_mul);
-  m.impl("llama_decode_layer", &pagedserve::llama_decode_layer);
 }
