@@ -16,9 +16,6 @@ from pagedserve.loader.gguf_blocks import _UNPACKERS, pack_blocks
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     assert cpu_kernels_available(), "the CPU kernels failed to build"
-    ops.enable_cpu_kernels(True)
-    yield
-    ops.enable_cpu_kernels(False)
 
 
 def random_blocks(ggml_type: GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
@@ -65,7 +62,7 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     packed = make_packed(70, 96, group, asymmetric, bits)   # 70 outputs: not a multiple of any tile
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
-    got = ops.packed_linear(x, packed, bias)
+    got = ops.packed_linear(x, packed, bias, use_kernel=True)
     if uses_int16_activations(num_rows, group):
         # Exactly the product with x rounded to int16 per 32 values, and within that rounding of the float one.
         torch.testing.assert_close(got, int16_rounded(x) @ packed.dequantize().t() + bias, rtol=1e-5, atol=2e-4)
@@ -91,14 +88,14 @@ def test_int16_activations_keep_a_block_with_an_outlier_accurate():
     x = torch.randn(1, 128) * 0.05
     x[0, 5] = 30.0
     expected = x @ packed.dequantize().t()
-    got = ops.packed_linear(x, packed, None)
+    got = ops.packed_linear(x, packed, None, use_kernel=True)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 
 
 def test_qlinear_with_many_weight_chunks():
     packed = make_packed(600, 2048, 32, True, 4)             # several cache-sized chunks on the GEMM path
     x = torch.randn(24, 2048)
-    torch.testing.assert_close(ops.packed_linear(x, packed, None), x @ packed.dequantize().t(),
+    torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -138,7 +135,7 @@ def test_paged_decode_attention_matches_reference(window, softcap, head_dim):
     lens = torch.tensor([1, 7, 12, 3])
     tables = torch.stack([torch.randperm(num_blocks)[:3] for _ in lens])
     q = torch.randn(len(lens), num_heads, head_dim)
-    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, softcap)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, softcap, use_kernel=True)
     expected = reference_decode(q, k_cache, v_cache, tables, lens, 0.25, window, softcap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -148,24 +145,22 @@ def test_fused_elementwise_ops_match_torch():
     x, residual, weight = torch.randn(5, 64), torch.randn(5, 64), torch.rand(64) + 0.5
     expected_residual = x + residual
     expected = expected_residual * torch.rsqrt(expected_residual.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    normed, new_residual = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
+    normed, new_residual = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-6, use_kernel=True)
     torch.testing.assert_close(new_residual, expected_residual)
     torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-5)
 
     gate_up = torch.randn(5, 2 * 48)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
-    torch.testing.assert_close(ops.gelu_tanh_and_mul(gate_up),
+    torch.testing.assert_close(ops.silu_and_mul(gate_up, use_kernel=True), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(ops.gelu_tanh_and_mul(gate_up, use_kernel=True),
                                torch.nn.functional.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-6)
 
     qkv = torch.randn(5, 3 * 32)                            # a strided slice, as the models pass it
     q = qkv[:, :64]
     freqs = torch.arange(5).float()[:, None] * torch.rand(8)[None, :]
     cos, sin = freqs.cos(), freqs.sin()
-    ops.enable_cpu_kernels(False)
-    expected_q = ops.rotary(q.clone(), cos, sin, 16)
-    ops.enable_cpu_kernels(True)
-    torch.testing.assert_close(ops.rotary(q, cos, sin, 16), expected_q)
+    expected_q = ops.rotary(q.clone(), cos, sin, 16, use_kernel=False)
+    torch.testing.assert_close(ops.rotary(q, cos, sin, 16, use_kernel=True), expected_q)
 
 
 # ---------------------------------------------------------------- the fused decoder layer
@@ -214,7 +209,7 @@ def decode_step(lens: list[int], block_size: int = 4):
 @pytest.mark.parametrize("first_layer", [True, False])
 def test_fused_decode_layer_matches_the_layer_op_by_op(variant, first_layer):
     """The one C++ call computes exactly what the Python layer computes with the same kernels."""
-    from pagedserve.layers.forward_context import forward_context
+    from pagedserve.layers.forward_context import ForwardContext, forward_context
     from pagedserve.models.llama_fused import fused_decode_layer
 
     layer = tiny_decoder_layer(**variant)
@@ -230,7 +225,7 @@ def test_fused_decode_layer_matches_the_layer_op_by_op(variant, first_layer):
     def run(fused) -> tuple[torch.Tensor, ...]:
         attn.k_cache, attn.v_cache = caches[0].clone(), caches[1].clone()
         layer.fused_decode = fused
-        with torch.inference_mode(), forward_context(metadata):
+        with torch.inference_mode(), forward_context(ForwardContext(metadata, use_cpu_kernels=True)):
             out, new_residual = layer(cos_sin, hidden.clone(), None if first_layer else residual.clone())
         return out, new_residual, attn.k_cache, attn.v_cache
 

@@ -23,7 +23,7 @@ class FusedDecodeLayer:
 
     def __call__(self, cos_sin, hidden: torch.Tensor, residual: torch.Tensor | None, attn
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        meta = get_forward_context()
+        meta = get_forward_context().attn_metadata
         first = residual is None
         if first:
             residual = torch.empty_like(hidden)                  # [num_decodes, hidden_size], filled by the call
