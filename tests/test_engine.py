@@ -185,3 +185,84 @@ def test_a_tiny_temperature_is_greedy(llm):
     prompt = "The capital of France is"
     expected = texts(llm.generate([prompt], greedy(max_tokens=8)))
     assert texts(llm.generate([prompt], SamplingParams(temperature=1e-40, max_tokens=8, seed=5))) == expected
+
+
+def test_parameters_are_counted_by_their_logical_shape(smollm2_path, llm):
+    """Packed 4-bit codes are one parameter each, not half: SmolLM2-135M has 134.5M, as its GGUF lists."""
+    import gguf
+
+    expected = sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(smollm2_path).tensors)
+    assert llm.engine.runner.num_parameters == expected
+    assert round(expected / 1e6, 1) == 134.5
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_gguf(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with every matrix in Q4_0, so the kernel path keeps packed weights and fuses layers."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_gguf import write_tiny_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-q4") / "tiny-q4_0.gguf", model, "llama",
+                           AutoTokenizer.from_pretrained(tiny_llama_dir), gguf.GGMLQuantizationType.Q4_0)
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_eager_and_kernel_engines_in_one_process_each_keep_their_own_choice(tiny_q4_gguf, tmp_path, monkeypatch):
+    """Whichever engine is built last, an enforce_eager engine runs plain torch and a kernel engine the C++
+    kernels: each gives exactly the logprobs it gives when it is the only engine in the process."""
+    # The tokenizer built from this throwaway file is cached here, not in the user's cache.
+    monkeypatch.setattr("pagedserve.loader.tokenizer.pagedserve_cache_dir", lambda: tmp_path / "cache")
+    params = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, logprobs=0)
+
+    def build(enforce_eager: bool) -> LLM:
+        return LLM(str(tiny_q4_gguf), enforce_eager=enforce_eager, dtype="float32", num_threads=1, num_kv_blocks=64)
+
+    def run(llm: LLM) -> list:
+        outputs = llm.generate(["The capital of France is", "1, 2, 3,"], params)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outputs]
+
+    eager_alone = run(build(enforce_eager=True))
+    kernel_alone = run(build(enforce_eager=False))
+    assert eager_alone != kernel_alone      # the paths round differently, so taking the other one shows
+    for eager_first in (True, False):
+        first, second = build(enforce_eager=eager_first), build(enforce_eager=not eager_first)
+        eager, kernel = (first, second) if eager_first else (second, first)
+        assert not eager.engine.runner.use_cpu_kernels and kernel.engine.runner.use_cpu_kernels
+        assert all(layer.fused_decode is None for layer in eager.engine.runner.model.model.layers)
+        assert all(layer.fused_decode is not None for layer in kernel.engine.runner.model.model.layers)
+        assert run(eager) == eager_alone and run(kernel) == kernel_alone
+        # Packed or dequantized, the same weights count the same.
+        assert eager.engine.runner.num_parameters == kernel.engine.runner.num_parameters
+
+
+def test_forward_contexts_are_per_thread():
+    """Two engines stepping on their own threads (a server with two models) each see their own context."""
+    import threading
+
+    import torch
+
+    from pagedserve.layers.forward_context import (AttentionMetadata, ForwardContext, forward_context,
+                                                   get_forward_context)
+
+    empty = torch.zeros(0, dtype=torch.long)
+    both_inside = threading.Barrier(2, timeout=10)
+    seen: dict[bool, bool] = {}
+
+    def step(use_cpu_kernels: bool) -> None:
+        metadata = AttentionMetadata(slot_mapping=empty, num_decodes=0, decode_block_tables=empty.view(0, 0),
+                                     decode_context_lens=empty, prefills=[])
+        with forward_context(ForwardContext(metadata, use_cpu_kernels)):
+            both_inside.wait()
+            seen[use_cpu_kernels] = get_forward_context().use_cpu_kernels
+            both_inside.wait()
+
+    threads = [threading.Thread(target=step, args=(choice,)) for choice in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {True: True, False: False}

@@ -16,9 +16,6 @@ from pagedserve.loader.gguf_blocks import _UNPACKERS, pack_blocks
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     assert cpu_kernels_available(), "the CPU kernels failed to build"
-    ops.enable_cpu_kernels(True)
-    yield
-    ops.enable_cpu_kernels(False)
 
 
 def random_blocks(ggml_type: GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
@@ -65,7 +62,7 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     packed = make_packed(70, 96, group, asymmetric, bits)   # 70 outputs: not a multiple of any tile
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
-    got = ops.packed_linear(x, packed, bias)
+    got = ops.packed_linear(x, packed, bias, use_kernel=True)
     if uses_int16_activations(num_rows, group):
         # Exactly the product with x rounded to int16 per 32 values, and within that rounding of the float one.
         torch.testing.assert_close(got, int16_rounded(x) @ packed.dequantize().t() + bias, rtol=1e-5, atol=2e-4)
@@ -91,14 +88,14 @@ def test_int16_activations_keep_a_block_with_an_outlier_accurate():
     x = torch.randn(1, 128) * 0.05
     x[0, 5] = 30.0
     expected = x @ packed.dequantize().t()
-    got = ops.packed_linear(x, packed, None)
+    got = ops.packed_linear(x, packed, None, use_kernel=True)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 
 
 def test_qlinear_with_many_weight_chunks():
     packed = make_packed(600, 2048, 32, True, 4)             # several cache-sized chunks on the GEMM path
     x = torch.randn(24, 2048)
-    torch.testing.assert_close(ops.packed_linear(x, packed, None), x @ packed.dequantize().t(),
+    torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -138,7 +135,7 @@ def test_paged_decode_attention_matches_reference(window, softcap, head_dim):
     lens = torch.tensor([1, 7, 12, 3])
     tables = torch.stack([torch.randperm(num_blocks)[:3] for _ in lens])
     q = torch.randn(len(lens), num_heads, head_dim)
-    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, softcap)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, softcap, use_kernel=True)
     expected = reference_decode(q, k_cache, v_cache, tables, lens, 0.25, window, softcap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -148,21 +145,198 @@ def test_fused_elementwise_ops_match_torch():
     x, residual, weight = torch.randn(5, 64), torch.randn(5, 64), torch.rand(64) + 0.5
     expected_residual = x + residual
     expected = expected_residual * torch.rsqrt(expected_residual.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    normed, new_residual = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-6)
+    normed, new_residual = ops.add_rms_norm(x.clone(), residual.clone(), weight, 1e-6, use_kernel=True)
     torch.testing.assert_close(new_residual, expected_residual)
     torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-5)
 
     gate_up = torch.randn(5, 2 * 48)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
-    torch.testing.assert_close(ops.gelu_tanh_and_mul(gate_up),
+    torch.testing.assert_close(ops.silu_and_mul(gate_up, use_kernel=True), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(ops.gelu_tanh_and_mul(gate_up, use_kernel=True),
                                torch.nn.functional.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-6)
 
     qkv = torch.randn(5, 3 * 32)                            # a strided slice, as the models pass it
     q = qkv[:, :64]
     freqs = torch.arange(5).float()[:, None] * torch.rand(8)[None, :]
     cos, sin = freqs.cos(), freqs.sin()
-    ops.enable_cpu_kernels(False)
-    expected_q = ops.rotary(q.clone(), cos, sin, 16)
-    ops.enable_cpu_kernels(True)
-    torch.testing.assert_close(ops.rotary(q, cos, sin, 16), expected_q)
+    expected_q = ops.rotary(q.clone(), cos, sin, 16, use_kernel=False)
+    torch.testing.assert_close(ops.rotary(q, cos, sin, 16, use_kernel=True), expected_q)
+
+
+# ---------------------------------------------------------------- the fused decoder layer
+
+def tiny_decoder_layer(qk_norm: bool = False, attention_bias: bool = False, sliding_window: int | None = None):
+    """A Llama decoder layer (4 heads, 2 kv heads of 16, hidden 64) with random 4-bit packed projections
+    and a 16-block KV cache of 4-token blocks."""
+    from pagedserve.config import ModelConfig
+    from pagedserve.models.llama import LlamaDecoderLayer
+
+    config = ModelConfig(architecture="LlamaForCausalLM", model_type="llama", vocab_size=96, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+                         attention_bias=attention_bias, qk_norm=qk_norm, sliding_windows=(sliding_window,))
+    layer = LlamaDecoderLayer(config, 0)
+    gen = torch.Generator().manual_seed(0)
+    for seed, projection in enumerate((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                       layer.mlp.down_proj)):
+        projection.packed = make_packed(projection.out_features, projection.in_features, 32, True, 4, seed)
+        projection.weight = None
+        if projection.bias is not None:
+            projection.bias.data.normal_(0, 0.1, generator=gen)
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms += [layer.self_attn.q_norm, layer.self_attn.k_norm] if qk_norm else []
+    for norm in norms:
+        norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+    layer.self_attn.attn.k_cache = torch.randn(16, 4, 2, 16, generator=gen)
+    layer.self_attn.attn.v_cache = torch.randn(16, 4, 2, 16, generator=gen)
+    return layer
+
+
+def decode_step(lens: list[int], block_size: int = 4):
+    """Decode-only metadata: sequence b owns blocks 4b.., its new token at position lens[b] - 1."""
+    from pagedserve.layers.forward_context import AttentionMetadata
+
+    context_lens = torch.tensor(lens)
+    tables = torch.stack([torch.arange(4) + 4 * b for b in range(len(lens))])         # [num_seqs, 4]
+    last = context_lens - 1                                                           # the new token's position
+    slots = tables[torch.arange(len(lens)), last // block_size] * block_size + last % block_size
+    return AttentionMetadata(slot_mapping=slots, num_decodes=len(lens), decode_block_tables=tables,
+                             decode_context_lens=context_lens, prefills=[])
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"attention_bias": True}, {"sliding_window": 5}],
+                         ids=["llama", "qwen3", "qwen2", "sliding"])
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_fused_decode_layer_matches_the_layer_op_by_op(variant, first_layer):
+    """The one C++ call computes exactly what the Python layer computes with the same kernels."""
+    from pagedserve.layers.forward_context import ForwardContext, forward_context
+    from pagedserve.models.llama_fused import fused_decode_layer
+
+    layer = tiny_decoder_layer(**variant)
+    attn = layer.self_attn.attn
+    metadata = decode_step([1, 6, 13])
+    gen = torch.Generator().manual_seed(1)
+    hidden, residual = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    positions = metadata.decode_context_lens - 1
+    freqs = positions[:, None].float() * torch.rand(8, generator=gen)[None, :]        # [num_seqs, head_dim / 2]
+    cos_sin = (freqs.cos(), freqs.sin())
+    caches = attn.k_cache.clone(), attn.v_cache.clone()
+
+    def run(fused) -> tuple[torch.Tensor, ...]:
+        attn.k_cache, attn.v_cache = caches[0].clone(), caches[1].clone()
+        layer.fused_decode = fused
+        with torch.inference_mode(), forward_context(ForwardContext(metadata, use_cpu_kernels=True)):
+            out, new_residual = layer(cos_sin, hidden.clone(), None if first_layer else residual.clone())
+        return out, new_residual, attn.k_cache, attn.v_cache
+
+    fused = fused_decode_layer(layer)
+    assert fused is not None
+    for got, expected in zip(run(fused), run(None)):
+        assert torch.equal(got, expected)
+
+
+def packed_linear_args(projection) -> dict:
+    packed = projection.packed
+    return dict(codes=packed.codes, scales=packed.scales, offsets=packed.offsets, bias=projection.bias,
+                group_size=packed.group_size, bits=packed.bits)
+
+
+def decode_layer_args(layer) -> dict:
+    attn, mlp = layer.self_attn, layer.mlp
+    linear = lambda projection: torch.classes.pagedserve.PackedLinear(**packed_linear_args(projection))  # noqa: E731
+    return dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                qkv_proj=linear(attn.qkv_proj), o_proj=linear(attn.o_proj), gate_up_proj=linear(mlp.gate_up_proj),
+                down_proj=linear(mlp.down_proj), q_norm=None, k_norm=None, num_heads=4, num_kv_heads=2, head_dim=16,
+                sliding_window=None, eps=1e-5, scale=0.25)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(codes=torch.zeros(64, 32, dtype=torch.int8)), "PackedLinear: codes must be Byte, got Char"),
+    (dict(scales=torch.zeros(64, 3)), r"PackedLinear: scales must have size 2 in dim 1, got shape \[64, 3\]"),
+    (dict(scales=torch.zeros(2, 64).t()), "PackedLinear: scales must be contiguous"),
+    (dict(offsets=torch.zeros(64, 2, dtype=torch.float64)), "PackedLinear: offsets must be Float, got Double"),
+    (dict(bias=torch.zeros(63)), r"PackedLinear: bias must have size 64 in dim 0, got shape \[63\]"),
+    (dict(group_size=16), "PackedLinear: 8-bit codes in groups of 16 or 32, or 4-bit codes in groups of 32"),
+    (dict(codes=None), "PackedLinear: codes is missing"),
+])
+def test_packed_linear_checks_its_weights(change, message):
+    args = packed_linear_args(tiny_decoder_layer().self_attn.o_proj) | {"bias": torch.zeros(64)}
+    torch.classes.pagedserve.PackedLinear(**args)      # as built, it is accepted
+    with pytest.raises(RuntimeError, match=message):
+        torch.classes.pagedserve.PackedLinear(**(args | change))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(post_norm=torch.ones(32)), r"LlamaDecodeLayer: post_norm must have size 64 in dim 0, got shape \[32\]"),
+    (dict(input_norm=torch.ones(64, dtype=torch.float16)), "LlamaDecodeLayer: input_norm must be Float, got Half"),
+    (dict(num_kv_heads=4), "LlamaDecodeLayer: qkv_proj must map 64 inputs to 192 outputs, got 64 -> 128"),
+    (dict(head_dim=8), "LlamaDecodeLayer: qkv_proj must map 64 inputs to 64 outputs, got 64 -> 128"),
+    (dict(num_heads=3), "num_heads must be a positive multiple of num_kv_heads, got 3 and 2"),
+    (dict(q_norm=torch.ones(16)), r"q_norm and k_norm come together \(got q_norm only\)"),
+    (dict(sliding_window=0), "sliding_window must be None or positive, got 0"),
+    (dict(scale=None), "Expected a value of type 'float' for argument 'scale'"),
+])
+def test_fused_decode_layer_checks_its_weights_once(change, message):
+    args = decode_layer_args(tiny_decoder_layer())
+    torch.classes.pagedserve.LlamaDecodeLayer(**args)      # as built, it is accepted
+    with pytest.raises(RuntimeError, match=message):
+        torch.classes.pagedserve.LlamaDecodeLayer(**(args | change))
+
+
+def test_fused_decode_layer_names_a_missing_argument_and_rejects_swapped_projections():
+    args = decode_layer_args(tiny_decoder_layer())
+    with pytest.raises(RuntimeError, match="missing value for argument 'scale'"):
+        torch.classes.pagedserve.LlamaDecodeLayer(**{name: value for name, value in args.items() if name != "scale"})
+    with pytest.raises(RuntimeError, match="LlamaDecodeLayer: o_proj must map 64 inputs to 64 outputs, got 64 -> 128"):
+        torch.classes.pagedserve.LlamaDecodeLayer(**(args | dict(o_proj=args["qkv_proj"])))
+    with pytest.raises(RuntimeError, match="LlamaDecodeLayer: down_proj must map 96 inputs to 64 outputs"):
+        torch.classes.pagedserve.LlamaDecodeLayer(**(args | dict(down_proj=args["o_proj"])))
+
+
+def step_args(layer) -> dict:
+    metadata = decode_step([1, 6])
+    return dict(hidden=torch.randn(2, 64), residual=torch.randn(2, 64), first_layer=False, cos=torch.ones(2, 8),
+                sin=torch.zeros(2, 8), k_cache=layer.self_attn.attn.k_cache, v_cache=layer.self_attn.attn.v_cache,
+                slot_mapping=metadata.slot_mapping, block_tables=metadata.decode_block_tables,
+                context_lens=metadata.decode_context_lens)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden=torch.randn(2, 64, dtype=torch.float64)), r"Layer\.forward: hidden must be Float, got Double"),
+    (dict(hidden=torch.randn(2, 32)), r"hidden must have size 64 in dim 1, got shape \[2, 32\]"),
+    (dict(residual=torch.randn(3, 64)), r"residual must have the shape of hidden \[2, 64\], got \[3, 64\]"),
+    (dict(cos=torch.ones(2, 16)), r"cos and sin must be \[2, 8\], got \[2, 16\] and \[2, 8\]"),
+    (dict(k_cache=torch.zeros(16, 4, 4, 16)), r"k_cache must have size 2 in dim 2, got shape \[16, 4, 4, 16\]"),
+    (dict(v_cache=torch.zeros(8, 4, 2, 16)), r"v_cache must have the shape of k_cache"),
+    (dict(k_cache=torch.zeros(16, 2, 4, 16).transpose(1, 2)), "k_cache must be contiguous"),
+    (dict(slot_mapping=torch.tensor([0, 64])), r"slot_mapping\[1\] = 64 is not a slot of the cache \(64 slots\)"),
+    (dict(slot_mapping=torch.tensor([0, 1], dtype=torch.int32)), "slot_mapping must be Long, got Int"),
+    (dict(context_lens=torch.tensor([1, 17])), r"context_lens\[1\] = 17 must be in \[1, 16\]"),
+    (dict(block_tables=torch.tensor([[0, 1, 2, 3], [4, 99, 6, 7]])),
+     r"block_tables\[1, 1\] = 99 is not a block of the cache \(16 blocks\)"),
+    (dict(block_tables=torch.zeros(3, 4, dtype=torch.long)), r"block_tables must have size 2 in dim 0"),
+    (dict(cos=None), "LlamaDecodeLayer.forward: cos is missing"),
+])
+def test_fused_decode_layer_checks_each_step(change, message):
+    layer = tiny_decoder_layer()
+    kernel = torch.classes.pagedserve.LlamaDecodeLayer(**decode_layer_args(layer))
+    kernel.forward(**step_args(layer))
+    with pytest.raises(RuntimeError, match=message):
+        kernel.forward(**(step_args(layer) | change))
+
+
+def test_ops_check_their_arguments():
+    packed = make_packed(8, 64, 32, True, 4)
+    with pytest.raises(RuntimeError, match=r"qlinear: x must be \[\.\.\., 64\], got shape \[2, 32\]"):
+        torch.ops.pagedserve.qlinear(torch.randn(2, 32), packed.codes, packed.scales, packed.offsets, None, 32, 4)
+    narrow_offsets = packed.offsets[:, :1].contiguous()
+    with pytest.raises(RuntimeError, match=r"qlinear: offsets must have the shape of scales \[8, 2\], got \[8, 1\]"):
+        torch.ops.pagedserve.qlinear(torch.randn(2, 64), packed.codes, packed.scales, narrow_offsets, None, 32, 4)
+    q, cache = torch.randn(1, 4, 16), torch.zeros(4, 4, 2, 16)
+    with pytest.raises(RuntimeError, match=r"paged_attention: block_tables\[0, 1\] = 4 is not a block of the cache"):
+        torch.ops.pagedserve.paged_attention(torch.empty_like(q), q, cache, cache, torch.tensor([[0, 4]]),
+                                             torch.tensor([6]), 0.25, None, None)
+    with pytest.raises(RuntimeError, match="rms_norm: weight must have size 64 in dim 0"):
+        torch.ops.pagedserve.rms_norm(torch.randn(2, 64), torch.ones(32), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rotary_inplace: cos and sin must be \[2, 8\]"):
+        torch.ops.pagedserve.rotary_inplace(torch.randn(2, 64), torch.ones(3, 8), torch.ones(3, 8), 16)

@@ -14,14 +14,19 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_tiny_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
-    """One float32 GGUF of `model` (llama or gemma3) with `tokenizer` in its metadata."""
+def write_tiny_gguf(path: Path, model, architecture: str, tokenizer,
+                    ggml_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
+    """One GGUF of `model` (llama or gemma3) with `tokenizer` in its metadata: float32, or with every
+    matrix quantized to `ggml_type` (vectors stay float32, as llama.cpp's quantizer leaves them)."""
     config = model.config
     writer = gguf.GGUFWriter(path, architecture)
     add_model_metadata(writer, config, architecture)
     _add_tokenizer(writer, tokenizer)
     for name, array in gguf_tensors(model, architecture).items():
-        writer.add_tensor(name, array)
+        if ggml_type != gguf.GGMLQuantizationType.F32 and array.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(array, ggml_type), raw_dtype=ggml_type)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -11,9 +11,8 @@ from torch import nn
 
 from pagedserve.config import ModelConfig
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
-from pagedserve.layers import ops
 from pagedserve.layers.attention import Attention
-from pagedserve.layers.forward_context import AttentionMetadata, PrefillChunk, forward_context
+from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from pagedserve.models.loading import load_weights
@@ -45,7 +44,9 @@ class ModelRunner:
         self.model_config = model_config
         self.device = platform.device
         self.dtype = platform.dtype
-        ops.enable_cpu_kernels(platform.use_cpu_kernels)
+        # NOTE: this model's choice alone, handed to its layers in each step's ForwardContext; another
+        # engine in the same process may choose differently.
+        self.use_cpu_kernels = platform.use_cpu_kernels
         self.model = _build_model(model_config, platform, weights)
         if platform.use_cpu_kernels and hasattr(self.model, "enable_fused_decode"):
             self.model.enable_fused_decode()
@@ -67,8 +68,9 @@ class ModelRunner:
 
     @property
     def num_parameters(self) -> int:
+        """Weights counted by their logical shape, packed or not (a 4-bit code is one parameter, not half)."""
         total = sum(p.numel() for p in self.model.parameters())
-        return total + sum(m.packed.codes.numel() for m in self.model.modules() if getattr(m, "packed", None))
+        return total + sum(m.packed.shape.numel() for m in self.model.modules() if getattr(m, "packed", None))
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
@@ -86,8 +88,14 @@ class ModelRunner:
         """Run one step. `rows_of` gives the sampling state of every scheduled sequence that samples."""
         self.sampler.forget(scheduler_output.finished_seq_ids)
         inputs = self._prepare_inputs(scheduler_output)
-        with forward_context(inputs.metadata):
+        # NOTE: the context spans the logits too: the output head is one of this model's (packed) layers.
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden_size]
+            return self._outputs(inputs, hidden_states, rows_of)
+
+    def _outputs(self, inputs: _StepInputs, hidden_states: torch.Tensor,
+                 rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
+        """Prompt logprobs of the prefill chunks that asked for them, and a token for every sampling row."""
         sample_rows, sample_items = [], []
         prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
         for item, query_start in zip(inputs.items, inputs.query_starts):

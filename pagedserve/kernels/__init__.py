@@ -1,7 +1,8 @@
-"""Build (once, cached) and load the C++ CPU kernels: `torch.ops.pagedserve.*`.
+"""Build (once, cached) and load the C++ CPU kernels: `torch.ops.pagedserve.*` and `torch.classes.pagedserve.*`.
 
-The source is compiled with -march=native for the machine it runs on, into pagedserve's cache
-directory keyed by the source, torch version and CPU, so later starts load it in milliseconds.
+The sources in csrc/ (one pair per kernel family, one registration.cpp) are compiled with
+-march=native for the machine they run on, into pagedserve's cache directory keyed by every source
+and header, the flags, the torch version and the CPU, so later starts load them in milliseconds.
 `python -m pagedserve.kernels` builds it ahead of time (the Makefile does, so the first serve is fast).
 Where no compiler is available the engine runs on plain torch ops instead.
 """
@@ -22,7 +23,7 @@ from pagedserve.config.paths import pagedserve_cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
 _loaded: bool | None = None
 
@@ -35,9 +36,16 @@ def cpu_kernels_available() -> bool:
     return _loaded
 
 
+def _sources() -> list[Path]:
+    return sorted(_SOURCE_DIR.glob("*.cpp"))
+
+
 def _build_dir() -> Path:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    # NOTE: headers too: a change to one must rebuild every source that includes it.
+    for path in _sources() + sorted(_SOURCE_DIR.glob("*.h")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_identity().encode())
@@ -75,7 +83,7 @@ def _load() -> bool:
         start = time.perf_counter()
         # NOTE: torch's extension builder looks for ninja on PATH; the venv's bin holds the pip one.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        cpp_extension.load(name="pagedserve_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+        cpp_extension.load(name="pagedserve_cpu", sources=[str(path) for path in _sources()], extra_cflags=_FLAGS,
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
         logger.info("Compiled CPU kernels in %.0fs into %s", time.perf_counter() - start, build_dir)
         return True

@@ -5,16 +5,18 @@ import torch
 from torch import nn
 
 from pagedserve.layers import ops
+from pagedserve.layers.forward_context import get_forward_context
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.silu_and_mul(x)          # [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]
+        # [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]
+        return ops.silu_and_mul(x, use_kernel=get_forward_context().use_cpu_kernels)
 
 
 class GeluTanhAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gelu_tanh_and_mul(x)
+        return ops.gelu_tanh_and_mul(x, use_kernel=get_forward_context().use_cpu_kernels)
 
 
 _ACTIVATIONS = {

@@ -31,7 +31,8 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]."""
-        meta = get_forward_context()
+        context = get_forward_context()
+        meta = context.attn_metadata
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -42,15 +43,16 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)                                   # [num_tokens, num_heads, head_dim]
         if meta.num_decodes:
-            out[:meta.num_decodes] = self._decode(q[:meta.num_decodes], meta)
+            out[:meta.num_decodes] = self._decode(q[:meta.num_decodes], meta, context.use_cpu_kernels)
         for index, chunk in enumerate(meta.prefills):
             rows = slice(chunk.query_start, chunk.query_start + chunk.num_query_tokens)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], meta, index)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, use_kernel: bool) -> torch.Tensor:
         out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, meta.decode_block_tables,
-                                         meta.decode_context_lens, self.scale, self.sliding_window, self.logit_softcap)
+                                         meta.decode_context_lens, self.scale, self.sliding_window, self.logit_softcap,
+                                         use_kernel=use_kernel)
         if out is not None:
             return out
         num_seqs, max_blocks = meta.decode_block_tables.shape

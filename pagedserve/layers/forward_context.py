@@ -1,11 +1,16 @@
-"""The per-step context every attention layer reads: where this step's K/V go and what each query sees.
+"""The per-step context every layer reads: where this step's K/V go, what each query sees, and whether
+the owning model runs the C++ kernels.
 
-The model runner builds one `AttentionMetadata` per step and sets it around the forward pass with
-`forward_context()`; layers read it with `get_forward_context()`, so their signatures stay like
-Hugging Face's (`input_ids, positions`).
+The model runner builds one `ForwardContext` per step and sets it around the forward pass and the
+logits with `forward_context()`; layers read it with `get_forward_context()`, so their signatures
+stay like Hugging Face's (`input_ids, positions`).
+
+NOTE: the context is per thread. A server with several models runs each engine's steps on its own
+thread, and each step must see its own model's metadata and kernel choice, never another's.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -68,21 +73,34 @@ class AttentionMetadata:
         return self._masks[key]
 
 
-_forward_context: AttentionMetadata | None = None
+@dataclass(frozen=True)
+class ForwardContext:
+    """What one step's layers read besides their inputs. Built once per step by the model runner."""
+
+    attn_metadata: AttentionMetadata
+    # The owning model's choice (Platform.use_cpu_kernels): the C++ kernels, or plain torch ops.
+    use_cpu_kernels: bool
+
+
+class _ThreadState(threading.local):
+    context: ForwardContext | None = None
+
+
+_state = _ThreadState()
 
 
 @contextmanager
-def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
-    """Make `metadata` visible to every attention layer for the duration of one forward pass."""
-    global _forward_context
-    assert _forward_context is None, "forward contexts do not nest"
-    _forward_context = metadata
+def forward_context(context: ForwardContext) -> Iterator[None]:
+    """Make `context` visible to every layer on this thread for one forward pass and its logits."""
+    assert _state.context is None, "forward contexts do not nest"
+    _state.context = context
     try:
         yield
     finally:
-        _forward_context = None
+        _state.context = None
 
 
-def get_forward_context() -> AttentionMetadata:
-    assert _forward_context is not None, "attention called outside forward_context()"
-    return _forward_context
+def get_forward_context() -> ForwardContext:
+    context = _state.context
+    assert context is not None, "a layer ran outside forward_context()"
+    return context

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.layers import ops
+from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.quant import PackedWeight
 
 
@@ -89,7 +90,7 @@ class PackableWeight(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W^T + bias: x [..., in_features] -> [..., out_features]."""
         if self.packed is not None:
-            return ops.packed_linear(x, self.packed, bias)
+            return ops.packed_linear(x, self.packed, bias, use_kernel=get_forward_context().use_cpu_kernels)
         return F.linear(x, self.weight, bias)
 
 

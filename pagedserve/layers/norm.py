@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers import ops
+from pagedserve.layers.forward_context import get_forward_context
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +26,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """rms_norm(x), or with a residual (rms_norm(x + residual), x + residual)."""
+        use_kernel = get_forward_context().use_cpu_kernels
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps, use_kernel=use_kernel)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, use_kernel=use_kernel)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers import ops
+from pagedserve.layers.forward_context import get_forward_context
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,7 +30,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos_sin: CosSin, head_dim: int) -> torch.Tensor:
     """x: [num_tokens, num_heads * head_dim] -> the same, rotated (possibly in place: use the result)."""
-    return ops.rotary(x, cos_sin[0], cos_sin[1], head_dim)
+    return ops.rotary(x, cos_sin[0], cos_sin[1], head_dim, use_kernel=get_forward_context().use_cpu_kernels)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:

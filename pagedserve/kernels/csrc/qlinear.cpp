@@ -1,0 +1,400 @@
+// qlinear (see qlinear.h): the decode path streams packed weights, the prefill path dequantizes
+// cache-sized chunks for torch's GEMM.
+#include "qlinear.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace pagedserve {
+namespace {
+
+// Codes come as int8 (one per byte) or as 4-bit (32-weight groups of 16 bytes: byte j holds weight j
+// in its low nibble and weight j + 16 in its high nibble, GGUF's own Q4 layout; values 0..15).
+template <int BITS>
+inline float code_at(const uint8_t* row, int64_t k) {
+  if (BITS == 8) return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+  const int64_t group = k / 32, j = k % 32;
+  const uint8_t byte = row[group * 16 + (j & 15)];
+  return static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4));
+}
+
+#ifdef PS_AVX2
+// One group of G codes -> G / 8 float vectors.
+template <int G, int BITS>
+inline void decode_group(const uint8_t* q, __m256* out) {
+  if (BITS == 8) {
+    for (int j = 0; j < G / 8; ++j) out[j] = load_codes8(reinterpret_cast<const int8_t*>(q) + 8 * j);
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+#endif
+
+#ifdef PS_AVX2
+// Codes 8j..8j+7 of a group.
+template <int BITS>
+inline __m256 decode8(const uint8_t* group, int j) {
+  if (BITS == 8) return load_codes8(reinterpret_cast<const int8_t*>(group) + 8 * j);
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 8 * (j & 1)));
+  if (j >= 2) bytes = _mm_srli_epi16(bytes, 4);
+  bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+#endif
+
+// Few rows (decode): stream each weight row once, dequantize in registers, dot with every x row.
+// R rows of x against NB weight rows at a time, so R * NB (at least 4) FMA chains are in flight.
+template <int G, int BITS, int R, int NB>
+void qlinear_rows_tile(const float* x, int64_t K, const uint8_t* q, const float* scale, const float* offset,
+                       const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = K / G, row_bytes = K * BITS / 8, group_bytes = G * BITS / 8;
+  int64_t n = n_begin;
+#ifdef PS_AVX2
+  for (; n + NB <= n_end; n += NB) {
+    __m256 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 s[NB], o[NB];
+      const uint8_t* qg[NB];
+      for (int b = 0; b < NB; ++b) {
+        s[b] = _mm256_set1_ps(scale[(n + b) * groups + g]);
+        o[b] = _mm256_set1_ps(offset ? offset[(n + b) * groups + g] : 0.f);
+        qg[b] = q + (n + b) * row_bytes + g * group_bytes;
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < G / 8; ++j) {
+        __m256 xv[R];
+        for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * K + g * G + 8 * j);
+        for (int b = 0; b < NB; ++b) {
+          const __m256 w = _mm256_fmadd_ps(decode8<BITS>(qg[b], j), s[b], o[b]);
+          for (int r = 0; r < R; ++r) acc[r][b] = _mm256_fmadd_ps(xv[r], w, acc[r][b]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) y[r * N + n + b] = hsum(acc[r][b]) + (bias ? bias[n + b] : 0.f);
+  }
+#endif
+  for (; n < n_end; ++n) {   // leftover rows (and the portable path)
+    const uint8_t* qrow = q + n * row_bytes;
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = n * groups + k / G;
+        sum += x[r * K + k] * (scale[g] * code_at<BITS>(qrow, k) + (offset ? offset[g] : 0.f));
+      }
+      y[r * N + n] = sum + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+template <int G, int BITS>
+void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const uint8_t* q, const float* scale,
+                  const float* offset, const float* bias, float* y, int64_t N) {
+  // NOTE: chunks of whole 4-row tiles, so no chunk ends in a scalar leftover row unless N does.
+  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t m = 0; m < num_rows; m += 4) {
+      const float* xm = x + m * K;
+      float* ym = y + m * N;
+      switch (std::min<int64_t>(4, num_rows - m)) {
+        case 4: qlinear_rows_tile<G, BITS, 4, 1>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 3: qlinear_rows_tile<G, BITS, 3, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 2: qlinear_rows_tile<G, BITS, 2, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        default: qlinear_rows_tile<G, BITS, 1, 4>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+      }
+    }
+  });
+}
+
+#ifdef PS_AVX2
+// Decode with int16 activations: each 32-value block of a row of x becomes int16 codes with one float
+// scale (relative error ~1e-5 of the block's largest value, far below the weights' own), and the dot
+// with a weight group runs on integer multiply-adds (madd_epi16), about half the instructions of
+// widening every weight to float. (int8 activations, as llama.cpp uses, would be cheaper still, but
+// a 32-value block holding one of these models' outlier channels loses the rest of its values.)
+struct Q16Rows {
+  std::vector<int16_t> codes;  // [rows, K]
+  std::vector<float> scale;    // [rows, K / 32]
+  std::vector<float> sum;      // [rows, K / 32]: scale * sum of the block's codes, for weight offsets
+};
+
+inline Q16Rows quantize_rows_q16(const float* x, int64_t rows, int64_t K) {
+  const int64_t blocks = K / 32;
+  Q16Rows out{std::vector<int16_t>(rows * K), std::vector<float>(rows * blocks), std::vector<float>(rows * blocks)};
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    const float* xb = x + i * 32;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float max_abs = _mm_cvtss_f32(m);
+    const float d = max_abs / 32767.f, inv = max_abs > 0.f ? 32767.f / max_abs : 0.f;
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));   // round to nearest
+    // int32 -> int16; the in-lane pack interleaves 64-bit quarters, the permute restores the order.
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + i * 32), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.codes.data() + i * 32 + 16), hi);
+    const __m256i pair_sums = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+    out.scale[i] = d;
+    out.sum[i] = d * hsum(_mm256_cvtepi32_ps(pair_sums));
+  }
+  return out;
+}
+
+// The 32 weight codes of a group widened to int16: codes 0..15 in w[0], 16..31 in w[1].
+template <int BITS>
+inline void load_group16(const uint8_t* q, __m256i* w) {
+  if (BITS == 8) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    w[0] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+    w[1] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
+    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+  }
+}
+
+// Integer dot of a weight group with 32 int16 activations, as 8 partial sums (as floats). No
+// overflow: 32 products of |code| <= 128 and |x| <= 32767 stay within int32.
+inline __m256 dot32(const __m256i* w, const int16_t* x) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1)));
+}
+
+template <int BITS, int R, int NB>
+void qlinear_q16_tile(const int16_t* xc, const float* xd, const float* xs, int64_t K, const uint8_t* q,
+                      const float* scale, const float* offset, const float* bias, float* y, int64_t N,
+                      int64_t n_begin, int64_t n_end) {
+  const int64_t groups = K / 32, row_bytes = K * BITS / 8, group_bytes = 32 * BITS / 8;
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    __m256 acc[R][NB];
+    float off[R][NB] = {};
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i w[NB][2];
+      for (int b = 0; b < NB; ++b) load_group16<BITS>(q + (n + b) * row_bytes + g * group_bytes, w[b]);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xg = xc + r * K + g * 32;
+        for (int b = 0; b < NB; ++b) {
+          const float d = scale[(n + b) * groups + g] * xd[r * groups + g];
+          acc[r][b] = _mm256_fmadd_ps(dot32(w[b], xg), _mm256_set1_ps(d), acc[r][b]);
+          if (offset) off[r][b] += offset[(n + b) * groups + g] * xs[r * groups + g];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) y[r * N + n + b] = hsum(acc[r][b]) + off[r][b] + (bias ? bias[n + b] : 0.f);
+  }
+  for (; n < n_end; ++n) {   // leftover weight rows
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256i w[2];
+        load_group16<BITS>(q + n * row_bytes + g * group_bytes, w);
+        sum += hsum(dot32(w, xc + r * K + g * 32)) * scale[n * groups + g] * xd[r * groups + g];
+        if (offset) sum += offset[n * groups + g] * xs[r * groups + g];
+      }
+      y[r * N + n] = sum + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+template <int BITS>
+void qlinear_rows_q16(const float* x, int64_t num_rows, int64_t K, const uint8_t* q, const float* scale,
+                      const float* offset, const float* bias, float* y, int64_t N) {
+  const Q16Rows xq = quantize_rows_q16(x, num_rows, K);
+  const int64_t groups = K / 32;
+  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t m = 0; m < num_rows; m += 4) {
+      const int16_t* xc = xq.codes.data() + m * K;
+      const float* xd = xq.scale.data() + m * groups;
+      const float* xs = xq.sum.data() + m * groups;
+      float* ym = y + m * N;
+      switch (std::min<int64_t>(4, num_rows - m)) {
+        case 4: qlinear_q16_tile<BITS, 4, 1>(xc, xd, xs, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 3: qlinear_q16_tile<BITS, 3, 2>(xc, xd, xs, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        case 2: qlinear_q16_tile<BITS, 2, 2>(xc, xd, xs, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+        default: qlinear_q16_tile<BITS, 1, 4>(xc, xd, xs, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+      }
+    }
+  });
+}
+#endif
+
+// Many rows (prefill, big decode batches): dequantize the weights a chunk of output rows at a time
+// into a float buffer small enough to stay in cache, and let torch's GEMM (MKL) multiply. The
+// dequantization costs a few operations per weight; the GEMM does 2 * num_rows per weight.
+template <int G, int BITS>
+void dequant_rows(const uint8_t* q, const float* scale, const float* offset, int64_t K, int64_t n_begin,
+                  int64_t n_end, float* out) {
+  const int64_t groups = K / G, row_bytes = K * BITS / 8, group_bytes = G * BITS / 8;
+  at::parallel_for(n_begin, n_end, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* qrow = q + n * row_bytes;
+      float* out_row = out + (n - n_begin) * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scale[n * groups + g];
+        const float o = offset ? offset[n * groups + g] : 0.f;
+#ifdef PS_AVX2
+        const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(o);
+        __m256 codes[G / 8];
+        decode_group<G, BITS>(qrow + g * group_bytes, codes);
+        for (int j = 0; j < G / 8; ++j) _mm256_storeu_ps(out_row + g * G + 8 * j, _mm256_fmadd_ps(codes[j], sv, ov));
+#else
+        for (int j = 0; j < G; ++j) out_row[g * G + j] = s * code_at<BITS>(qrow, g * G + j) + o;
+#endif
+      }
+    }
+  });
+}
+
+constexpr int64_t kChunkBytes = 1 << 21;
+
+template <int G, int BITS>
+void qlinear_chunks(const at::Tensor& x2d, const uint8_t* q, const float* scale, const float* offset,
+                    const float* bias, at::Tensor& y2d) {
+  const int64_t K = x2d.size(1), N = y2d.size(1);
+  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (K * static_cast<int64_t>(sizeof(float))));
+  at::Tensor buffer = at::empty({std::min(chunk, N), K}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n1 = std::min(N, n0 + chunk);
+    at::Tensor w = buffer.narrow(0, 0, n1 - n0);
+    dequant_rows<G, BITS>(q, scale, offset, K, n0, n1, w.data_ptr<float>());
+    at::Tensor out = y2d.narrow(1, n0, n1 - n0);   // [num_rows, chunk], rows strided by N: GEMM's ldc
+    if (bias) {
+      at::addmm_out(out, at::from_blob(const_cast<float*>(bias) + n0, {n1 - n0}, x2d.options()), x2d, w.t());
+    } else {
+      at::mm_out(out, x2d, w.t());
+    }
+  }
+}
+
+// Rows at or below this use the streaming path; above it dequantize-and-GEMM wins.
+constexpr int64_t kStreamingMaxRows = 16;
+
+template <int G, int BITS>
+at::Tensor qlinear_impl(const at::Tensor& x, const uint8_t* q, const float* scale, const float* offset,
+                        const float* bias, int64_t N) {
+  const int64_t K = x.size(-1), num_rows = x.numel() / K;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (num_rows <= kStreamingMaxRows) {
+#ifdef PS_AVX2
+    if (G == 32) {   // 16-weight groups (Q6_K) keep the float path
+      qlinear_rows_q16<BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, y.data_ptr<float>(), N);
+      return y;
+    }
+#endif
+    qlinear_rows<G, BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, y.data_ptr<float>(), N);
+  } else {
+    at::Tensor y2d = y.view({num_rows, N});
+    qlinear_chunks<G, BITS>(x.reshape({num_rows, K}), q, scale, offset, bias, y2d);
+  }
+  return y;
+}
+
+// Multiplies without checking: every caller has checked the weights (once, or per call) and x.
+at::Tensor qlinear_unchecked(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                           int64_t group_size, int64_t bits) {
+  const int64_t N = codes.size(0);
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const float* s = scale.data_ptr<float>();
+  const float* o = offset && offset->defined() ? offset->data_ptr<float>() : nullptr;
+  const float* b = bias && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  if (bits == 4) return qlinear_impl<32, 4>(x, q, s, o, b, N);
+  return group_size == 32 ? qlinear_impl<32, 8>(x, q, s, o, b, N) : qlinear_impl<16, 8>(x, q, s, o, b, N);
+}
+
+// Weight checks, shared by the op (each call) and PackedLinear (once). Returns in_features.
+int64_t check_packed(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias,
+                     int64_t group_size, int64_t bits) {
+  TORCH_CHECK((bits == 8 && (group_size == 16 || group_size == 32)) || (bits == 4 && group_size == 32), op,
+              ": 8-bit codes in groups of 16 or 32, or 4-bit codes in groups of 32; got bits=", bits,
+              ", group_size=", group_size);
+  check_tensor(codes, op, "codes", bits == 8 ? at::kChar : at::kByte, 2);
+  const int64_t out_features = codes.size(0), in_features = codes.size(1) * 8 / bits;
+  TORCH_CHECK(out_features > 0 && in_features > 0, op, ": codes must not be empty, got shape ", codes.sizes());
+  TORCH_CHECK(in_features % group_size == 0, op, ": in_features ", in_features, " must be a multiple of group_size ",
+              group_size);
+  check_tensor(scales, op, "scales", at::kFloat, 2);
+  check_size(scales, 0, out_features, op, "scales");
+  check_size(scales, 1, in_features / group_size, op, "scales");
+  if (offsets && offsets->defined()) {
+    check_tensor(*offsets, op, "offsets", at::kFloat, 2);
+    TORCH_CHECK(offsets->sizes() == scales.sizes(), op, ": offsets must have the shape of scales ", scales.sizes(),
+                ", got ", offsets->sizes());
+  }
+  if (bias && bias->defined()) {
+    check_tensor(*bias, op, "bias", at::kFloat, 1);
+    check_size(*bias, 0, out_features, op, "bias");
+  }
+  return in_features;
+}
+
+void check_activations(const char* op, const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.defined(), op, ": x is missing");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), op, ": x must be float32 on the CPU, got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op, ": x must be [..., ", in_features, "], got shape ",
+              x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                   const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias,
+                   int64_t group_size, int64_t bits) {
+  const int64_t in_features = check_packed("qlinear", codes, scale, offset, bias, group_size, bits);
+  check_activations("qlinear", x, in_features);
+  return qlinear_unchecked(x, codes, scale, offset, bias, group_size, bits);
+}
+
+PackedLinear::PackedLinear(at::Tensor codes_, at::Tensor scales_, c10::optional<at::Tensor> offsets_,
+                           c10::optional<at::Tensor> bias_, int64_t group_size_, int64_t bits_)
+    : codes(std::move(codes_)), scales(std::move(scales_)),
+      offsets(offsets_ && offsets_->defined() ? std::move(offsets_) : c10::nullopt),
+      bias(bias_ && bias_->defined() ? std::move(bias_) : c10::nullopt), group_size(group_size_), bits(bits_) {
+  in_features = check_packed("PackedLinear", codes, scales, offsets, bias, group_size, bits);
+  out_features = codes.size(0);
+}
+
+at::Tensor PackedLinear::forward(const at::Tensor& x) const {
+  check_activations("PackedLinear", x, in_features);
+  return qlinear_unchecked(x, codes, scales, offsets, bias, group_size, bits);
+}
+
+}  // namespace pagedserve
