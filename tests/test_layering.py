@@ -33,3 +33,8 @@ def test_an_upward_import_breaks_a_contract(tmp_path):
     assert "pagedserve.engine.scheduler -> pagedserve.server.errors" in result.stdout
     assert "pagedserve.engine.scheduler -> torch" in result.stdout
 
+
+
+def test_the_core_type_checks():
+    result = run("mypy", ROOT)
+    assert result.returncode == 0, result.stdout[-5000:]

@@ -7,17 +7,18 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch import nn
 
 from pagedserve.config import ModelConfig
+from pagedserve.engine.platform import Platform
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
+from pagedserve.layers.quant import PackedWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
+from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.loading import load_weights
 from pagedserve.models.registry import model_class
-from pagedserve.engine.platform import Platform
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class _StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor]],
+    def __init__(self, model_config: ModelConfig, platform: Platform,
+                 weights: Iterable[tuple[str, torch.Tensor | PackedWeight]],
                  seed: int = 0) -> None:
         self.model_config = model_config
         self.device = platform.device
@@ -48,7 +50,7 @@ class ModelRunner:
         # engine in the same process may choose differently.
         self.use_cpu_kernels = platform.use_cpu_kernels
         self.model = _build_model(model_config, platform, weights)
-        if platform.use_cpu_kernels and hasattr(self.model, "enable_fused_decode"):
+        if platform.use_cpu_kernels:
             self.model.enable_fused_decode()
         self.sampler = Sampler(self.device, seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -70,7 +72,8 @@ class ModelRunner:
     def num_parameters(self) -> int:
         """Weights counted by their logical shape, packed or not (a 4-bit code is one parameter, not half)."""
         total = sum(p.numel() for p in self.model.parameters())
-        return total + sum(m.packed.shape.numel() for m in self.model.modules() if getattr(m, "packed", None))
+        return total + sum(m.packed.shape.numel() for m in self.model.modules()
+                           if isinstance(m, PackableWeight) and m.packed is not None)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
@@ -124,7 +127,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states[query_start:query_start + num_rows])
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = seq.token_ids[item.start + 1:end + 1]
-        return [token_logprobs(logprobs[i], targets[i], seq.params.prompt_logprobs) for i in range(num_rows)]
+        num_top = seq.params.prompt_logprobs or 0
+        return [token_logprobs(logprobs[i], targets[i], num_top) for i in range(num_rows)]
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
         # Decodes (one query token) first so they can be attended in one batched call.
@@ -169,7 +173,8 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
 
 
-def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
+def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]]
+                 ) -> CausalLM:
     cls = model_class(config)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(platform.dtype)
@@ -182,4 +187,5 @@ def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tupl
     for module in model.modules():
         if isinstance(module, PackableWeight):
             module.drop_unused_float_weight()
-    return model.eval()
+    model.eval()
+    return model

@@ -15,6 +15,7 @@ from torch import nn
 from pagedserve.layers import ops
 from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.quant import PackedWeight
+from pagedserve.layers.weight_loader import set_weight_loader
 
 
 class PackableWeight(nn.Module):
@@ -32,8 +33,8 @@ class PackableWeight(nn.Module):
         if shard_sizes and offset != out_features:
             raise ValueError(f"shard sizes add up to {offset}, not out_features={out_features}")
         # NOTE: torch.empty leaves the pages untouched, so a layer that ends up packed never pays for them.
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self._load_shard
+        weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight: nn.Parameter | None = set_weight_loader(weight, self._load_shard)
         self.packed: PackedWeight | None = None
         self._has_float_shard = False
 
@@ -55,10 +56,10 @@ class PackableWeight(nn.Module):
         if isinstance(loaded, PackedWeight):
             loaded = loaded.dequantize()
         if self.packed is not None:   # earlier shards were packed: this layer becomes a float layer
-            self.weight.data.copy_(self.packed.dequantize())
+            param.data.copy_(self.packed.dequantize())
             self.packed = None
         self._has_float_shard = True
-        self.weight.data[rows].copy_(loaded)
+        param.data[rows].copy_(loaded)
 
     def _store_packed(self, loaded: PackedWeight, rows: slice) -> None:
         if self.packed is None:
@@ -80,7 +81,10 @@ class PackableWeight(nn.Module):
         self.packed.codes[rows].copy_(loaded.codes)
         self.packed.scales[rows].copy_(loaded.scales)
         if self.packed.offsets is not None:
-            self.packed.offsets[rows].copy_(loaded.offsets if loaded.offsets is not None else 0.0)
+            if loaded.offsets is not None:
+                self.packed.offsets[rows].copy_(loaded.offsets)
+            else:
+                self.packed.offsets[rows].fill_(0.0)
 
     def drop_unused_float_weight(self) -> None:
         """After loading: a packed layer has no use for its float parameter."""
@@ -91,6 +95,7 @@ class PackableWeight(nn.Module):
         """x @ W^T + bias: x [..., in_features] -> [..., out_features]."""
         if self.packed is not None:
             return ops.packed_linear(x, self.packed, bias, use_kernel=get_forward_context().use_cpu_kernels)
+        assert self.weight is not None, "a layer without float weights is packed"
         return F.linear(x, self.weight, bias)
 
 
@@ -104,11 +109,9 @@ class Linear(PackableWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  shard_sizes: dict[str, int] | None = None) -> None:
         super().__init__(out_features, in_features, shard_sizes)
+        self.bias: nn.Parameter | None = None
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
-            self.bias.weight_loader = self._load_bias
-        else:
-            self.bias = None
+            self.bias = set_weight_loader(nn.Parameter(torch.zeros(out_features), requires_grad=False), self._load_bias)
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         rows = self._rows(shard_id)
@@ -129,6 +132,7 @@ class VocabEmbedding(PackableWeight):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.rows(input_ids).dequantize()       # [num_tokens, hidden_size]
+        assert self.weight is not None, "a layer without float weights is packed"
         return F.embedding(input_ids, self.weight)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:

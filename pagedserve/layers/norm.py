@@ -6,6 +6,7 @@ from torch import nn
 
 from pagedserve.layers import ops
 from pagedserve.layers.forward_context import get_forward_context
+from pagedserve.layers.weight_loader import set_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +17,7 @@ class RMSNorm(nn.Module):
         self.weight_offset = weight_offset
         # NOTE: float32 whatever the activation dtype: Gemma's 1 + w must not be rounded to bfloat16.
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32), requires_grad=False)
-        self.weight.weight_loader = self._load_weight
+        set_weight_loader(self.weight, self._load_weight)
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         if loaded.shape != param.shape:

@@ -16,6 +16,8 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 class RotaryEmbedding(nn.Module):
     """Maps positions to (cos, sin) once per step; every layer then rotates its q and k with them."""
 
+    inv_freq: torch.Tensor       # [head_dim / 2], a buffer
+
     def __init__(self, head_dim: int, base: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -34,7 +36,9 @@ def apply_rotary(x: torch.Tensor, cos_sin: CosSin, head_dim: int) -> torch.Tenso
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
-    rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":

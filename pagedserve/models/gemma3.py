@@ -27,7 +27,8 @@ from pagedserve.layers.attention import Attention
 from pagedserve.layers.linear import Linear, VocabEmbedding
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
-from pagedserve.models.llama import PACKED_MODULES, LlamaMLP, output_head
+from pagedserve.models.causal_lm import CausalLM
+from pagedserve.models.llama import PACKED_MODULES, LlamaMLP
 
 # Gemma 3's default base for the sliding layers, when a config names none.
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
@@ -115,22 +116,17 @@ class Gemma3Model(nn.Module):
         return hidden_states
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Gemma3Model(config)
-        self.lm_head = output_head(config, self.model.embed_tokens)
+        model = Gemma3Model(config)
+        super().__init__(config, model, model.embed_tokens)
         self.final_logit_softcap = config.final_logit_softcapping
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size] float32 logits, soft-capped if configured."""
-        logits = self.lm_head.project(hidden_states).float()
+        logits = super().compute_logits(hidden_states)
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits

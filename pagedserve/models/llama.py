@@ -11,6 +11,7 @@ from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.linear import Linear, VocabEmbedding
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
+from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.llama_fused import FusedDecodeLayer, fused_decode_layer
 
 
@@ -104,27 +105,15 @@ PACKED_MODULES = {
 }
 
 
-def output_head(config: ModelConfig, embed_tokens: VocabEmbedding) -> VocabEmbedding:
-    """The output projection: the token embedding itself when the checkpoint ties them."""
-    return embed_tokens if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = output_head(config, self.model.embed_tokens)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+        model = LlamaModel(config)
+        super().__init__(config, model, model.embed_tokens)
 
     def enable_fused_decode(self) -> None:
+        assert isinstance(self.model, LlamaModel)
         for layer in self.model.layers:
-            layer.fused_decode = fused_decode_layer(layer)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_rows, hidden_size] -> [num_rows, vocab_size] float32 logits."""
-        return self.lm_head.project(hidden_states).float()
+            if isinstance(layer, LlamaDecoderLayer):
+                layer.fused_decode = fused_decode_layer(layer)

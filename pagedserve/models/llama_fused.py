@@ -19,13 +19,14 @@ class FusedDecodeLayer:
 
     def __init__(self, kernel: torch.ScriptObject) -> None:
         self.kernel = kernel
-        self._forward = kernel.forward   # NOTE: looked up once; a ScriptObject attribute costs a lookup per call
+        # NOTE: looked up once; a ScriptObject attribute costs a lookup per call
+        self._forward = getattr(kernel, "forward")
 
     def __call__(self, cos_sin, hidden: torch.Tensor, residual: torch.Tensor | None, attn
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         meta = get_forward_context().attn_metadata
         first = residual is None
-        if first:
+        if residual is None:
             residual = torch.empty_like(hidden)                  # [num_decodes, hidden_size], filled by the call
         out = self._forward(hidden, residual, first, cos_sin[0], cos_sin[1], attn.k_cache, attn.v_cache,
                             meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens)
@@ -61,6 +62,7 @@ def fused_decode_layer(layer: Any) -> FusedDecodeLayer | None:
 
 def _packed_linear(projection: Linear) -> torch.ScriptObject:
     packed = projection.packed
+    assert packed is not None, "fused layers are built from packed projections only"
     return torch.classes.pagedserve.PackedLinear(codes=packed.codes, scales=packed.scales, offsets=packed.offsets,
                                                  bias=projection.bias, group_size=packed.group_size,
                                                  bits=packed.bits)

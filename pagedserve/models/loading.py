@@ -6,11 +6,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pagedserve.layers.quant import PackedWeight
+from pagedserve.layers.weight_loader import weight_loader
+
 # Checkpoint entries that carry no parameters of ours (precomputed buffers some exporters include).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]]) -> None:
     """Hand each checkpoint tensor (Hugging Face name) to the parameter that owns it.
 
     Fused parameters (qkv, gate/up) receive each piece with its shard id. A model may rename
@@ -36,7 +39,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if param is None:
             raise ValueError(f"checkpoint has a weight {name!r} that this model does not use")
         try:
-            param.weight_loader(param, tensor, shard_id)
+            weight_loader(param)(param, tensor, shard_id)
         except ValueError as error:
             raise ValueError(f"weight {name!r}: {error}") from None
         loaded.add((param_name, shard_id))
