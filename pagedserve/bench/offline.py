@@ -84,7 +84,7 @@ def _hf_model(config: EngineConfig):
     from pagedserve.engine.platform import Platform
 
     source = resolve_model(config.model, config.revision, config.download_dir)
-    platform = Platform.resolve(config.replace(enforce_eager=True), None)
+    platform = Platform.resolve(config.replace(disable_cpu_kernels=True), None)
     kwargs: dict[str, Any] = {"dtype": platform.dtype}
     if source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, **kwargs)

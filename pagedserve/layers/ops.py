@@ -2,7 +2,7 @@
 
 Each takes the fused C++ kernel (pagedserve/kernels) for float32 CPU tensors once the kernels are
 enabled, and plain torch otherwise, so every device and dtype keeps working. The engine enables the
-kernels at start-up unless `--enforce-eager` asks for plain torch.
+kernels at start-up unless `--disable-cpu-kernels` asks for plain torch.
 """
 from __future__ import annotations
 
