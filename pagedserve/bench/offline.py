@@ -83,7 +83,7 @@ def _hf_model(config: EngineConfig):
     from pagedserve.loader.source import resolve_model
     from pagedserve.engine.platform import Platform
 
-    source = resolve_model(config.model, config.revision, config.download_dir)
+    source = resolve_model(config.model, config.revision, config.download_dir, config.use_modelscope)
     platform = Platform.resolve(config.replace(disable_cpu_kernels=True), None)
     kwargs: dict[str, Any] = {"dtype": platform.dtype}
     if source.kind == "gguf":

@@ -11,6 +11,7 @@ from pagedserve.cli.bench import add_bench_parser
 from pagedserve.cli.chat import add_chat_parser
 from pagedserve.cli.flags import add_dataclass_flags
 from pagedserve.cli.models import add_model_commands
+from pagedserve.cli.pull import add_pull_commands
 from pagedserve.cli.options import (add_engine_flags, add_serve_accepted_flags, engine_config_from_options,
                                     environment_line, gather_options, serve_model_names, server_config_from_options)
 from pagedserve.config import EngineConfig, ServerConfig
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands, add_engine_flags)
     add_chat_parser(commands, add_engine_flags)
     add_model_commands(commands, add_engine_flags)
+    add_pull_commands(commands)
     return parser
 
 
