@@ -96,7 +96,7 @@ def _hf_download(repo_id: str, revision: str | None, download_dir: str | None, a
     folder: Path | None = None
     for file in wanted:
         local = Path(hf_hub_download(repo_id, file.path, revision=revision or "main", cache_dir=download_dir,
-                                     tqdm_class=_progress_bar(file, on_progress)))   # type: ignore[arg-type]
+                                     tqdm_class=_progress_bar(file, on_progress)))
         _verify(local, file)
         folder = local.parents[len(Path(file.path).parts) - 1]
     assert folder is not None
@@ -145,16 +145,18 @@ def _progress_bar(file: _HubFile, on_progress: OnProgress | None) -> type | None
         return None
     from tqdm.auto import tqdm
 
-    class Reporter(tqdm):   # type: ignore[misc, valid-type]
+    report: OnProgress = on_progress
+
+    class Reporter(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self._completed = int(kwargs.get("initial") or 0)
-            on_progress(DownloadProgress(file.path, file.digest, kwargs.get("total") or file.size, self._completed))
+            report(DownloadProgress(file.path, file.digest, kwargs.get("total") or file.size, self._completed))
 
         def update(self, n: float | None = 1) -> bool | None:
             self._completed += int(n or 0)
-            on_progress(DownloadProgress(file.path, file.digest, self.total or file.size, self._completed))
+            report(DownloadProgress(file.path, file.digest, self.total or file.size, self._completed))
             return super().update(n)
 
     return Reporter
