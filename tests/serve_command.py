@@ -13,6 +13,6 @@ HEALTH_PATH = "/health"
 def parse_serve(arguments: list[str]) -> dict[str, Any]:
     """`pagedserve serve ARGUMENTS` as the CLI takes them: options, engine and server configs (ValueError if bad)."""
     args = build_parser().parse_args(["serve", *arguments])
-    options = gather_options(args)
+    options = gather_options(args, environ={})
     return {"options": options, "engine": engine_config_from_options(options),
-            "server": server_config_from_options(options, environ={})}
+            "server": server_config_from_options(options)}

@@ -11,10 +11,10 @@ import shlex
 import subprocess
 import sys
 import threading
-from urllib.parse import urlparse
 
 import pytest
 
+from pagedserve.cli.main import serve_configs
 from pagedserve.config import ServerConfig
 from tests import dockerfile
 from tests.serve_command import HEALTH_PATH, parse_serve
@@ -43,8 +43,10 @@ def test_healthcheck_asks_health_on_the_served_port():
     assert "/opt/pagedserve/healthcheck.py" in healthcheck
     assert any(source.endswith("deploy/healthcheck.py /opt/pagedserve/healthcheck.py")
                for source in dockerfile.values(dockerfile.final_stage(), "COPY"))
-    url = urlparse(dockerfile.env(dockerfile.final_stage())["PAGEDSERVE_HEALTH_URL"])
-    assert (url.hostname, url.port, url.path) == ("127.0.0.1", ServerConfig().port, HEALTH_PATH)
+    # One variable moves both: `serve` listens on $PAGEDSERVE_PORT and the health check asks there.
+    environment = dockerfile.env(dockerfile.final_stage())
+    assert "PAGEDSERVE_HEALTH_URL" not in environment and environment["PAGEDSERVE_PORT"] == "8000"
+    assert serve_configs([], {"PAGEDSERVE_PORT": environment["PAGEDSERVE_PORT"]})[1].port == ServerConfig().port
 
 
 def test_torch_is_the_release_pyproject_pins():
@@ -114,3 +116,10 @@ def test_healthcheck_script_passes_on_200_only(health_server):
         port = closed.server_address[1]
     refused = _healthcheck(f"http://127.0.0.1:{port}/health")
     assert refused.returncode == 1 and re.search(r"refused|Errno", refused.stderr)
+
+
+def test_healthcheck_asks_the_port_serve_listens_on(health_server):
+    port = health_server.rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT)], env={"PAGEDSERVE_PORT": port},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr

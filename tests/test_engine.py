@@ -212,24 +212,25 @@ def tiny_q4_gguf(tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.usefixtures("restore_torch_threads")
 def test_eager_and_kernel_engines_in_one_process_each_keep_their_own_choice(tiny_q4_gguf, tmp_path, monkeypatch):
-    """Whichever engine is built last, an enforce_eager engine runs plain torch and a kernel engine the C++
+    """Whichever engine is built last, an engine with --disable-cpu-kernels runs plain torch and a kernel engine the C++
     kernels: each gives exactly the logprobs it gives when it is the only engine in the process."""
     # The tokenizer built from this throwaway file is cached here, not in the user's cache.
     monkeypatch.setattr("pagedserve.loader.tokenizer.pagedserve_cache_dir", lambda: tmp_path / "cache")
     params = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, logprobs=0)
 
-    def build(enforce_eager: bool) -> LLM:
-        return LLM(str(tiny_q4_gguf), enforce_eager=enforce_eager, dtype="float32", num_threads=1, num_kv_blocks=64)
+    def build(plain_torch: bool) -> LLM:
+        return LLM(str(tiny_q4_gguf), disable_cpu_kernels=plain_torch, dtype="float32", num_threads=1,
+                   num_kv_blocks=64)
 
     def run(llm: LLM) -> list:
         outputs = llm.generate(["The capital of France is", "1, 2, 3,"], params)
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outputs]
 
-    eager_alone = run(build(enforce_eager=True))
-    kernel_alone = run(build(enforce_eager=False))
+    eager_alone = run(build(plain_torch=True))
+    kernel_alone = run(build(plain_torch=False))
     assert eager_alone != kernel_alone      # the paths round differently, so taking the other one shows
     for eager_first in (True, False):
-        first, second = build(enforce_eager=eager_first), build(enforce_eager=not eager_first)
+        first, second = build(plain_torch=eager_first), build(plain_torch=not eager_first)
         eager, kernel = (first, second) if eager_first else (second, first)
         assert not eager.engine.runner.use_cpu_kernels and kernel.engine.runner.use_cpu_kernels
         assert all(layer.fused_decode is None for layer in eager.engine.runner.model.model.layers)

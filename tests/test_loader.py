@@ -170,10 +170,12 @@ def test_hub_repo_ids_resolve_from_the_offline_cache(monkeypatch, tmp_path, tiny
 
 
 def test_modelscope_without_the_package_says_how_to_install(monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_USE_MODELSCOPE", "1")
+    """--use-modelscope / VLLM_USE_MODELSCOPE reach the loader as config (use_modelscope), or as the name's prefix."""
     monkeypatch.setitem(sys.modules, "modelscope", None)
     with pytest.raises(ValueError, match="pip install modelscope"):
-        resolve_model("pagedserve-tests/no-such-model")
+        resolve_model("pagedserve-tests/no-such-model", use_modelscope=True)
+    with pytest.raises(ValueError, match="pip install modelscope"):
+        resolve_model("modelscope:pagedserve-tests/no-such-model")
 
 
 # ---------------------------------------------------------------- GGUF

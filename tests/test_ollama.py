@@ -152,7 +152,7 @@ def test_errors_are_ollamas(server, client):
     assert images.value.status_code == 400
     with pytest.raises(ollama.ResponseError) as pulled:
         client.pull("llama3")
-    assert pulled.value.status_code == 404 and "no registry" in pulled.value.error
+    assert pulled.value.status_code == 404 and "not from Ollama's registry" in pulled.value.error
     assert client.pull(NAME).status == "success"
     for body, status in [({"messages": QUESTION}, 400), ({"model": NAME, "messages": "hi"}, 400),
                          ({"model": NAME, "messages": QUESTION, "keep_alive": "soon"}, 400)]:

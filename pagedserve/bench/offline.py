@@ -83,8 +83,8 @@ def _hf_model(config: EngineConfig):
     from pagedserve.loader.source import resolve_model
     from pagedserve.engine.platform import Platform
 
-    source = resolve_model(config.model, config.revision, config.download_dir)
-    platform = Platform.resolve(config.replace(enforce_eager=True), None)
+    source = resolve_model(config.model, config.revision, config.download_dir, config.use_modelscope)
+    platform = Platform.resolve(config.replace(disable_cpu_kernels=True), None)
     kwargs: dict[str, Any] = {"dtype": platform.dtype}
     if source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, **kwargs)

@@ -55,14 +55,18 @@ def flag_names(name: str) -> list[str]:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                        skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of `cls`. Defaults are suppressed so only what the user typed is seen."""
+                        skip: tuple[str, ...] = (), environment: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per field of `cls`. Defaults are suppressed so only what the user typed is seen.
+    `environment`: field name -> the variables backing it, named in the flag's help."""
     hints = typing.get_type_hints(cls)
     for item in dataclasses.fields(cls):
         if item.name in skip or not item.init:
             continue
         kind, is_list = _base_type(hints[item.name])
         help_text = item.metadata.get("help", "")
+        variables = (environment or {}).get(item.name)
+        if variables:
+            help_text += f" [env: {', '.join(variables)}]"
         kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
         names = [*flag_names(item.name), *item.metadata.get("aliases", ())]
         if kind is bool:
@@ -70,21 +74,44 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             continue
         if "choices" in item.metadata:
             kwargs["choices"] = item.metadata["choices"]
+        if item.metadata.get("case_insensitive"):
+            kwargs["type"] = str.lower
         if is_list:
             kwargs["nargs"] = "+"
             kwargs["action"] = "extend"
-        parser.add_argument(*names, type=_parser_for(kind), **kwargs)
+        kwargs.setdefault("type", parse_size_or_auto if item.metadata.get("auto") else _parser_for(kind))
+        parser.add_argument(*names, **kwargs)
 
 
-def add_accepted_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                       flags: dict[str, tuple[type, str]]) -> None:
-    """Flags we accept for compatibility but that do nothing here; each logs why when used."""
-    for name, (kind, _reason) in flags.items():
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-        if kind is bool:
-            parser.add_argument(*flag_names(name), action=argparse.BooleanOptionalAction, **kwargs)
+def parse_size_or_auto(text: str) -> int | None:
+    """A size, or None for vLLM's "auto" and -1 (the model decides)."""
+    return None if str(text).strip().lower() in ("auto", "-1") else parse_size(text)
+
+
+def add_accepted_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, str]],
+                       short_aliases: dict[str, str] | None = None, per_flag_reasons: bool = False) -> None:
+    """Flags we accept for compatibility but that do nothing here; each logs why when used.
+    `flags`: name -> (kind: switch, value, list or optional; reason). `--help` lists them in sections of
+    their own: one per reason, or one with each flag's reason when `per_flag_reasons`. A name the parser
+    already has is a real flag, and is left to it."""
+    taken = parser._option_string_actions
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (kind, reason) in flags.items():
+        names = [option for option in (*flag_names(name), (short_aliases or {}).get(name.replace("_", "-")))
+                 if option and option not in taken]
+        if len(names) < len(flag_names(name)):
+            continue
+        section = "" if per_flag_reasons else reason
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                "accepted vLLM flags, no effect here", reason if section else None)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": reason if per_flag_reasons else None}
+        if kind == "switch":
+            groups[section].add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(*flag_names(name), type=_parser_for(kind), **kwargs)
+            nargs = {"list": "+", "optional": "?", "value": None}[kind]
+            groups[section].add_argument(*names, nargs=nargs, metavar="VALUE", **kwargs)
 
 
 def load_config_file(path: str) -> dict[str, Any]:

@@ -11,23 +11,25 @@ from pagedserve.cli.bench import add_bench_parser
 from pagedserve.cli.chat import add_chat_parser
 from pagedserve.cli.flags import add_dataclass_flags
 from pagedserve.cli.models import add_model_commands
-from pagedserve.cli.options import (add_engine_flags, engine_config_from_options, gather_options,
-                                    serve_model_names, server_config_from_options)
+from pagedserve.cli.pull import add_pull_commands
+from pagedserve.cli.options import (add_engine_flags, add_serve_accepted_flags, engine_config_from_options,
+                                    environment_line, gather_options, serve_model_names, server_config_from_options)
 from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.config.environment import ENVIRONMENT, VARIABLES_BY_OPTION
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S")
+    logging.basicConfig(format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S")
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 def serve_configs(argv: list[str], environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
     """The configs `pagedserve serve ...` would run with (`argv` without the program name)."""
     args = build_parser().parse_args(argv)
-    options = gather_options(args)
-    return engine_config_from_options(options), server_config_from_options(options, environ)
+    options = gather_options(args, environ)
+    return engine_config_from_options(options), server_config_from_options(options)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -51,8 +53,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     options = gather_options(args)
-    engine_config = engine_config_from_options(options)
     server_config = server_config_from_options(options)
+    setup_logging(server_config.log_level)
+    if line := environment_line(options):
+        logger.info("%s", line)
+    engine_config = engine_config_from_options(options)
     from pagedserve.server.runner import run_server
 
     return run_server(server_config, engine_config, serve_model_names(options))
@@ -62,14 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description="Serve and run LLMs with a paged KV cache.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs")
-    serve.add_argument("model_positional", nargs="*", metavar="MODEL",
-                       help="alias, created model, Hugging Face folder or repo id, or .gguf file (same as --model); "
-                            "several are served side by side, each under its own name")
-    serve.add_argument("--model", action="append", dest="model_flags", metavar="MODEL", default=argparse.SUPPRESS,
-                       help="a model to serve (repeatable)")
-    add_engine_flags(serve, skip=("model",))
-    add_dataclass_flags(serve.add_argument_group("server"), ServerConfig)
+    serve = commands.add_parser("serve", help="serve models over OpenAI- and Ollama-compatible HTTP APIs",
+                                usage="pagedserve serve [MODEL ...] [options]", epilog=_environment_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
     generate = commands.add_parser("generate", help="complete prompts offline and print the results")
@@ -87,7 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands, add_engine_flags)
     add_chat_parser(commands, add_engine_flags)
     add_model_commands(commands, add_engine_flags)
+    add_pull_commands(commands)
     return parser
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """`pagedserve serve`'s arguments (also python -m pagedserve.entrypoints.openai.api_server's)."""
+    serve.add_argument("model_positional", nargs="*", metavar="MODEL",
+                       help="alias, created model, Hugging Face folder or repo id (org/name, org/name:Q4_K_M, "
+                            "hf.co/org/name:Q4_K_M, modelscope:org/name), .gguf file or URL (same as --model); "
+                            "several are served side by side, each under its own name; a hub model is downloaded "
+                            "on first use")
+    serve.add_argument("--model", "--model-path", "--model_path", action="append", dest="model_flags",
+                       metavar="MODEL", default=argparse.SUPPRESS,
+                       help="a model to serve (repeatable; --model-path is SGLang's spelling)")
+    add_engine_flags(serve, skip=("model",), with_accepted=False)
+    server = serve.add_argument_group("server")
+    add_dataclass_flags(server, ServerConfig, environment=VARIABLES_BY_OPTION)
+    server.add_argument("--ollama", action="store_true", default=argparse.SUPPRESS,
+                        help="listen where Ollama's clients look when told nothing: 127.0.0.1:11434 (a --port, "
+                             "PAGEDSERVE_PORT or OLLAMA_HOST still wins)")
+    add_serve_accepted_flags(serve)
+
+
+def _environment_help() -> str:
+    lines = ["environment (read once at start-up; a --config file and then the command line win over it):"]
+    for variable in ENVIRONMENT:
+        backs = ", ".join("--" + option.replace("_", "-") for option in variable.options) or "huggingface_hub"
+        lines.append(f"  {variable.name:<26} {backs}: {variable.help}")
+    return "\n".join(lines)
 
 
 def apply_omp_wait_policy(args: argparse.Namespace) -> None:

@@ -7,7 +7,9 @@ import os
 from typing import Any, Mapping
 
 from pagedserve.cli.flags import add_accepted_flags, add_dataclass_flags, coerce_file_options, load_config_file, pick
+from pagedserve.cli.vllm_flags import vllm_accepted_flags
 from pagedserve.config import EngineConfig, ServerConfig
+from pagedserve.config.environment import OLLAMA_DEFAULT_PORT, VARIABLES_BY_OPTION, environment_options
 
 logger = logging.getLogger("pagedserve")
 
@@ -38,22 +40,36 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "chat_template_content_format": (str, "message content parts are joined into text"),
 }
 
+# The rest of vLLM 0.32's serve flags (cli/vllm_flags.py), `serve` only: (kind, reason).
+VLLM_ACCEPTED_FLAGS = vllm_accepted_flags()
+
 # Not options: what argparse adds for the subcommand itself.
 _NOT_OPTIONS = ("command", "func", "config", "model_positional", "model_flags")
+# Options of `serve` that are not config fields: --ollama picks Ollama's port when no other is set.
+_SERVE_OPTIONS = ("ollama",)
 
 
-def gather_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options from `--config FILE` overlaid with the flags given (the command line wins)."""
-    options: dict[str, Any] = {}
+def gather_options(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Options from the environment (config/environment.py), overlaid with `--config FILE`, overlaid with
+    the flags given: the command line wins. `environment_sources` names the variable behind each option
+    the environment decided."""
+    environment = environment_options(environ)
+    options: dict[str, Any] = dict(environment.values)
+    overridden: set[str] = set()
     if getattr(args, "config", None):
         from_file = load_config_file(args.config)
-        known = {*pick(from_file, EngineConfig), *pick(from_file, ServerConfig), *ACCEPTED_FLAGS}
+        known = {*pick(from_file, EngineConfig), *pick(from_file, ServerConfig), *ACCEPTED_FLAGS,
+                 *VLLM_ACCEPTED_FLAGS, *_SERVE_OPTIONS}
         for name in sorted(set(from_file) - known):
             logger.warning("config file %s: unknown option %r ignored", args.config, name)
         options.update(coerce_file_options(from_file, EngineConfig))
         options.update(coerce_file_options(from_file, ServerConfig))
-        options.update({name: value for name, value in from_file.items() if name in ACCEPTED_FLAGS})
-    options.update({name: value for name, value in vars(args).items() if name not in _NOT_OPTIONS})
+        options.update({name: value for name, value in from_file.items()
+                        if name in ACCEPTED_FLAGS or name in VLLM_ACCEPTED_FLAGS or name in _SERVE_OPTIONS})
+        overridden.update(from_file)
+    flags = {name: value for name, value in vars(args).items() if name not in _NOT_OPTIONS}
+    options.update(flags)
+    overridden.update(flags)
     positional = getattr(args, "model_positional", None) or []
     flagged = getattr(args, "model_flags", None) or ([args.model] if "model" in vars(args) else [])
     if isinstance(positional, str):
@@ -64,7 +80,21 @@ def gather_options(args: argparse.Namespace) -> dict[str, Any]:
     names = positional or flagged
     if names:
         options["model"], options["models"] = names[0], names
+    options["environment_sources"] = {option: variable for option, variable in environment.sources.items()
+                                      if option not in overridden}
     return options
+
+
+def environment_line(options: dict[str, Any]) -> str | None:
+    """The start-up log line naming the variables the configs took values from (never their values)."""
+    sources: dict[str, str] = options.get("environment_sources", {})
+    if not sources:
+        return None
+    by_variable: dict[str, list[str]] = {}
+    for option, variable in sources.items():
+        by_variable.setdefault(variable, []).append(option)
+    return "from the environment: " + ", ".join(f"{variable} ({', '.join(names)})"
+                                                for variable, names in by_variable.items())
 
 
 def serve_model_names(options: dict[str, Any]) -> list[str] | None:
@@ -79,20 +109,19 @@ def serve_model_names(options: dict[str, Any]) -> list[str] | None:
 def engine_config_from_options(options: dict[str, Any]) -> EngineConfig:
     """EngineConfig from gathered options; logs once for each option that cannot apply here."""
     config = EngineConfig(**pick(options, EngineConfig))
-    for name, (_kind, reason) in ACCEPTED_FLAGS.items():
-        if name in options:
+    real = {*pick(options, EngineConfig), *pick(options, ServerConfig)}
+    for name, (_kind, reason) in {**ACCEPTED_FLAGS, **VLLM_ACCEPTED_FLAGS}.items():
+        if name in options and name not in real:
             logger.info("--%s has no effect here: %s", name.replace("_", "-"), reason)
     for line in _inapplicable_engine_options(options, config):
         logger.info("%s", line)
     return config
 
 
-def server_config_from_options(options: dict[str, Any], environ: Mapping[str, str] = os.environ) -> ServerConfig:
+def server_config_from_options(options: dict[str, Any]) -> ServerConfig:
     values = pick(options, ServerConfig)
-    if not values.get("api_key"):
-        key = environ.get("PAGEDSERVE_API_KEY") or environ.get("VLLM_API_KEY")
-        if key:
-            values["api_key"] = (key,)
+    if options.get("ollama") and "port" not in values:
+        values["port"] = OLLAMA_DEFAULT_PORT   # where Ollama's clients look when told nothing
     return ServerConfig(**values)
 
 
@@ -122,8 +151,24 @@ def _runs_on_cpu(config: EngineConfig) -> bool:
     return not torch.cuda.is_available()
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), with_accepted: bool = True) -> None:
+    """The engine's flags; `with_accepted`: and ACCEPTED_FLAGS in their own section (serve adds that last,
+    with the rest of vLLM's, see add_serve_accepted_flags)."""
     group = parser.add_argument_group("engine")
-    add_dataclass_flags(group, EngineConfig, skip)
-    add_accepted_flags(group, ACCEPTED_FLAGS)
-    group.add_argument("--config", help="YAML or JSON file with any of these options")
+    add_dataclass_flags(group, EngineConfig, skip, VARIABLES_BY_OPTION)
+    group.add_argument("--config", help="YAML or JSON file with any of these options (the command line wins over "
+                                        "it, and it over the environment)")
+    if with_accepted:
+        add_accepted_flags(parser, _accepted_kinds(ACCEPTED_FLAGS), per_flag_reasons=True)
+
+
+def add_serve_accepted_flags(parser: argparse.ArgumentParser) -> None:
+    """Every vLLM 0.32 serve flag that is not a real one, after the real ones (a name that became real is skipped)."""
+    from pagedserve.cli.vllm_flags import SHORT_ALIASES
+
+    add_accepted_flags(parser, _accepted_kinds(ACCEPTED_FLAGS), per_flag_reasons=True)
+    add_accepted_flags(parser, VLLM_ACCEPTED_FLAGS, SHORT_ALIASES)
+
+
+def _accepted_kinds(flags: dict[str, tuple[type, str]]) -> dict[str, tuple[str, str]]:
+    return {name: ("switch" if kind is bool else "value", reason) for name, (kind, reason) in flags.items()}

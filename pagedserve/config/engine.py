@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.config.environment import parse_cpu_list
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OMP_WAIT_POLICIES = ("auto", "active", "passive")
@@ -18,26 +20,42 @@ class EngineConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, Hugging Face folder or repo id, or .gguf file"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or repo id (default: the model's)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision to download"})
-    download_dir: str | None = field(default=None, metadata={"help": "where hub downloads are cached"})
+    download_dir: str | None = field(
+        default=None, metadata={"help": "where hub downloads are cached (default: huggingface_hub's cache, "
+                                        "$HF_HUB_CACHE or $HF_HOME/hub)"})
+    use_modelscope: bool = field(default=False, metadata={"help": "download hub repo ids from ModelScope instead "
+                                                                   "of the Hugging Face hub"})
     models_dir: str | None = field(
         default=None, metadata={"help": "models made with `pagedserve create` (default: $PAGEDSERVE_MODELS or "
                                         "~/.local/share/pagedserve/models); given to `serve`, serves them all"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": DTYPE_CHOICES})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's; "
+                                                                      "auto or -1 say so too)", "auto": True})
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
     kv_cache_space: float | None = field(
         default=None, metadata={"help": "KV cache size in GiB on CPU (default: 30%% of free memory, at most 0.75)"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory to use (CUDA only)"})
-    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides sizing)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "share of GPU memory to use (CUDA only)",
+        "aliases": ("--device-memory-utilization", "--device_memory_utilization")})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides sizing)",
+                                                              "aliases": ("--num-gpu-blocks-override",
+                                                                          "--num_gpu_blocks_override")})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one batch"})
     max_num_batched_tokens: int | None = field(
         default=None, metadata={"help": "token budget of one engine step (default 512 on CPU, 2048 on CUDA)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     enforce_eager: bool = field(default=False, metadata={
+        "help": "no CUDA graph capture (vLLM's meaning); on CPU nothing changes: the kernels stay on"})
+    disable_cpu_kernels: bool = field(default=False, metadata={
         "help": "plain PyTorch ops only: no fused C++ decode kernels or packed quantized weights (slower; for debugging)"})
-    num_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: physical cores)"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads (default: the cores this process may use: its affinity mask, the container's CPU "
+                "quota, physical cores)"})
+    cpu_threads_bind: str | None = field(default=None, metadata={
+        "help": "CPU cores the threads run on: auto (default), all or nobind, or a list like 0-3,8 (one thread "
+                "per core listed); of vLLM's per-rank form 0-3|4-7 the first part is used"})
     omp_wait_policy: str = field(default="auto", metadata={
         "choices": OMP_WAIT_POLICIES,
         "help": "how idle OpenMP threads wait between ops: active spins (fastest on an otherwise idle machine), "
@@ -46,7 +64,8 @@ class EngineConfig:
     chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template, as a file or a string"})
     quantization: str | None = field(default=None, metadata={"help": "weight quantization method",
                                                               "aliases": ("-q",)})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "tensor parallel ranks", "aliases": ("-tp",)})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "tensor parallel ranks",
+                                                           "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
 
@@ -72,8 +91,17 @@ class EngineConfig:
                              f"got {self.omp_wait_policy!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        if self.cpu_threads_bind is not None:
+            bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def bound_cpus(cpu_threads_bind: str | None) -> tuple[int, ...] | None:
+    """The cores `cpu_threads_bind` names; None for auto, all and nobind (no binding)."""
+    if cpu_threads_bind is None or cpu_threads_bind.strip().lower() in ("", "auto", "all", "nobind"):
+        return None
+    return parse_cpu_list(cpu_threads_bind.split("|")[0])

@@ -11,6 +11,7 @@ from pagedserve.config.duration import parse_duration
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 GENERATION_CONFIG_CHOICES = ("auto", "vllm")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ServerConfig:
         default=(), metadata={"help": "model name(s) the API answers to (default: the --model value)"})
     api_key: tuple[str, ...] = field(
         default=(), repr=False, metadata={"help": "key(s) clients must send as 'Authorization: Bearer KEY' "
-                                      "(default: $PAGEDSERVE_API_KEY or $VLLM_API_KEY; none: open)"})
+                                      "(default: none, the API is open)"})
     allowed_origins: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS origins, e.g. '[\"*\"]'"})
     allowed_methods: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS methods"})
     allowed_headers: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS headers"})
@@ -34,6 +35,8 @@ class ServerConfig:
                                                             "choices": UVICORN_LOG_LEVELS})
     disable_uvicorn_access_log: bool = field(default=False, metadata={"help": "no uvicorn access log lines"})
     disable_log_requests: bool = field(default=False, metadata={"help": "no log lines per request"})
+    log_level: str = field(default="info", metadata={"help": "pagedserve's log level", "choices": LOG_LEVELS,
+                                                      "case_insensitive": True})
     disable_log_stats: bool = field(default=False, metadata={"help": "no periodic throughput log line"})
     log_stats_interval: float = field(default=10.0, metadata={"help": "seconds between throughput log lines"})
     max_log_len: int | None = field(default=None, metadata={"help": "prompt characters shown in request logs"})
@@ -51,6 +54,9 @@ class ServerConfig:
     shutdown_timeout: float = field(
         default=5.0, metadata={"help": "seconds in-flight requests get to finish after SIGTERM/SIGINT"})
     lazy_load: bool = field(default=False, metadata={"help": "load each model on its first request, not at start-up"})
+    max_loaded_models: int | None = field(
+        default=None, metadata={"help": "most models loaded at once; loading another unloads the one idle longest "
+                                        "(default: no limit)"})
     keep_alive: str | None = field(
         default=None, metadata={"help": "unload a model idle this long, e.g. 5m, 1h, 0, -1 (never); default: never "
                                         "for models loaded at start-up, 5m for those loaded on first use"})
@@ -73,6 +79,10 @@ class ServerConfig:
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
                              f"got {self.generation_config!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.max_loaded_models is not None and self.max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models must be positive, got {self.max_loaded_models}")
         if self.log_stats_interval <= 0:
             raise ValueError(f"log_stats_interval must be positive, got {self.log_stats_interval}")
         if self.max_log_len is not None and self.max_log_len < 0:

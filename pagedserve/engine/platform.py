@@ -5,10 +5,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.config.engine import bound_cpus
+from pagedserve.engine.host_limits import available_memory, default_num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Platform:
     device: torch.device
     dtype: torch.dtype
     num_threads: int
-    # Fused C++ kernels and packed quantized weights: float32 on CPU, unless --enforce-eager.
+    # Fused C++ kernels and packed quantized weights: float32 on CPU, unless --disable-cpu-kernels.
     use_cpu_kernels: bool = False
 
     @property
@@ -48,13 +49,16 @@ class Platform:
         """`is_quantized`: the checkpoint holds quantized blocks (a GGUF), which the CPU kernels keep
         packed and multiply with float32 activations."""
         device = _resolve_device(config.device)
-        dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device, is_quantized and not config.enforce_eager)
-        num_threads = config.num_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        dtype = _resolve_dtype(config.dtype, checkpoint_dtype, device, is_quantized and not config.disable_cpu_kernels)
+        cores = bound_cpus(config.cpu_threads_bind)
+        num_threads = config.num_threads or (len(cores) if cores else default_num_threads())
         use_kernels = False
         if device.type == "cpu":
+            if cores:
+                _bind_threads(cores)
             torch.set_num_threads(num_threads)
             _check_omp_wait_policy(config.omp_wait_policy)
-            if dtype == torch.float32 and not config.enforce_eager:
+            if dtype == torch.float32 and not config.disable_cpu_kernels:
                 from pagedserve.kernels import cpu_kernels_available
 
                 use_kernels = cpu_kernels_available()
@@ -65,10 +69,22 @@ class Platform:
         if self.is_cpu:
             if config.kv_cache_space is not None:
                 return int(config.kv_cache_space * GiB)
-            return int(min(_DEFAULT_KV_CAP, psutil.virtual_memory().available * _DEFAULT_KV_SHARE))
+            # NOTE: under a cgroup memory limit (a container), what is free below the limit.
+            return int(min(_DEFAULT_KV_CAP, available_memory() * _DEFAULT_KV_SHARE))
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         return max(int(total * config.gpu_memory_utilization) - used, 0)
+
+
+def _bind_threads(cores: tuple[int, ...]) -> None:
+    """Run every thread of this process (and so the OpenMP threads they start) on `cores` only."""
+    try:
+        for thread_id in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(thread_id), cores)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot bind threads to CPUs {','.join(map(str, cores))} "
+                         f"(allowed: {','.join(map(str, sorted(os.sched_getaffinity(0))))}): {error}") from error
+    logger.info("threads bound to CPUs %s", ",".join(map(str, cores)))
 
 
 def _check_omp_wait_policy(policy: str) -> None:

@@ -2,8 +2,9 @@
 
 Each takes the fused C++ kernel (pagedserve/kernels) for float32 CPU tensors when its caller passes
 `use_kernel=True`, and plain torch otherwise, so every device and dtype keeps working. The choice is
-the owning model's (`ForwardContext.use_cpu_kernels`, set by its runner from `Platform`), passed in
-by the layer on every call: two engines in one process can decide differently.
+the owning model's (`ForwardContext.use_cpu_kernels`, set by its runner from `Platform`; off with
+`--disable-cpu-kernels`), passed in by the layer on every call: two engines in one process can decide
+differently.
 """
 from __future__ import annotations
 

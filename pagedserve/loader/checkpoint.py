@@ -39,7 +39,7 @@ class Checkpoint:
 
 
 def open_checkpoint(config: EngineConfig) -> Checkpoint:
-    source = resolve_model(config.model, config.revision, config.download_dir)
+    source = resolve_model(config.model, config.revision, config.download_dir, config.use_modelscope)
     if source.kind == "gguf":
         gguf = read_gguf(source.gguf_files)
         hf_config = gguf_hf_config(gguf)

@@ -7,6 +7,10 @@ Accepted forms, tried in this order:
   org/name                  a Hugging Face repo with config.json + safetensors, downloaded
   org/name:Q4_K_M           the GGUF of that quantization in a GGUF repo, downloaded
   org/name/file.gguf        that GGUF file of a repo, downloaded
+  hf.co/org/name:Q4_K_M     the same, as Ollama names Hugging Face repos (also huggingface.co/...)
+  modelscope:org/name       a repo on ModelScope (any of the forms above after the prefix)
+  https://.../file.gguf     a GGUF file at a URL (a huggingface.co .../resolve/REV/file URL goes through the hub)
+Hub files are downloaded on first use into the hub cache (loader/download.py).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pagedserve.loader.download import MODEL_FILE_PATTERNS, download_repo
+from pagedserve.loader.download import MODEL_FILE_PATTERNS, OnProgress, download_repo, download_url
 
 
 @dataclass(frozen=True)
@@ -65,19 +69,53 @@ _REPO_REFERENCE = re.compile(
     r"(?::(?P<quant>[A-Za-z0-9_.-]+)|/(?P<file>[\w./-]+\.gguf))?$", re.IGNORECASE)
 
 
-def resolve_model(name_or_path: str, revision: str | None = None, download_dir: str | None = None) -> ModelSource:
-    """Find (downloading if needed) the files of a model given by alias, path or hub repo id."""
+_HF_PREFIXES = ("hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
+_MODELSCOPE_PREFIX = "modelscope:"
+# https://huggingface.co/org/name/resolve/main/file.gguf (or /blob/): a repo file, fetched through the hub.
+_HUB_FILE_URL = re.compile(r"^https?://(?:huggingface\.co|hf\.co)/(?P<repo>[^/]+/[^/]+)/(?:resolve|blob)/"
+                           r"(?P<revision>[^/]+)/(?P<file>.+?)(?:\?.*)?$")
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How hub names are fetched: revision, cache folder, hub, and who hears about the progress."""
+
+    revision: str | None = None
+    download_dir: str | None = None
+    use_modelscope: bool = False
+    on_progress: OnProgress | None = None
+
+
+def resolve_model(name_or_path: str, revision: str | None = None, download_dir: str | None = None,
+                  use_modelscope: bool = False, on_progress: OnProgress | None = None) -> ModelSource:
+    """Find (downloading if needed) the files of a model given by alias, path, hub repo id or URL."""
     if name_or_path in MODEL_ALIASES:
         return _local_source(name_or_path, MODEL_ALIASES[name_or_path]())
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _local_source(name_or_path, path)
-    reference = _REPO_REFERENCE.match(name_or_path)
+    hub = HubOptions(revision, download_dir, use_modelscope, on_progress)
+    if file_url := _HUB_FILE_URL.match(name_or_path):
+        hub = HubOptions(file_url["revision"], download_dir, False, on_progress)
+        return _hub_reference(name_or_path, f"{file_url['repo']}/{file_url['file']}", hub)
+    if name_or_path.lower().startswith(("http://", "https://")) and not name_or_path.startswith(_HF_PREFIXES):
+        return _local_source(name_or_path, download_url(name_or_path, download_dir, on_progress))
+    reference = name_or_path
+    if reference.lower().startswith(_MODELSCOPE_PREFIX):
+        reference, hub = reference[len(_MODELSCOPE_PREFIX):], HubOptions(revision, download_dir, True, on_progress)
+    for prefix in _HF_PREFIXES:
+        if reference.lower().startswith(prefix):
+            reference, hub = reference[len(prefix):], HubOptions(revision, download_dir, False, on_progress)
+    return _hub_reference(name_or_path, reference, hub)
+
+
+def _hub_reference(name: str, reference_text: str, hub: HubOptions) -> ModelSource:
+    reference = _REPO_REFERENCE.match(reference_text.removesuffix(":latest"))
     # `dir/model.gguf` that does not exist is a mistyped path, not a repo named model.gguf
     is_missing_file = reference is not None and reference["repo"].lower().endswith(".gguf")
-    if reference is not None and not is_missing_file and ".." not in name_or_path:
-        return _hub_source(name_or_path, reference, revision, download_dir)
-    raise ValueError(_unknown_model_message(name_or_path))
+    if reference is not None and not is_missing_file and ".." not in reference_text:
+        return _hub_source(name, reference, hub)
+    raise ValueError(_unknown_model_message(name))
 
 
 def gguf_split_parts(path: Path) -> tuple[Path, ...]:
@@ -132,15 +170,19 @@ def _split_stem(path: Path) -> str:
     return str(path.with_name(match["stem"])) if match else str(path)
 
 
-def _hub_source(name: str, reference: re.Match[str], revision: str | None, download_dir: str | None) -> ModelSource:
+def _hub_source(name: str, reference: re.Match[str], hub: HubOptions) -> ModelSource:
     repo_id, quant, file = reference["repo"], reference["quant"], reference["file"]
+
+    def download(patterns: Sequence[str]) -> Path:
+        return download_repo(repo_id, hub.revision, hub.download_dir, patterns, hub.use_modelscope, hub.on_progress)
+
     if file is not None:
         split = _SPLIT_GGUF_NAME.match(Path(file).name)
         # NOTE: a split file pulls in its sibling parts too, since one part alone cannot be loaded.
         pattern = file
         if split is not None:
             pattern = str(Path(file).with_name(f"{split['stem']}-*-of-{split['count']}{split['suffix']}"))
-        folder = download_repo(repo_id, revision, download_dir, allow_patterns=[pattern])
+        folder = download([pattern])
         if not (folder / file).is_file():
             raise ValueError(f"{repo_id} has no file {file}")
         return _gguf_source(name, folder / file)
@@ -148,13 +190,13 @@ def _hub_source(name: str, reference: re.Match[str], revision: str | None, downl
         # The tag must end the name (before any split suffix), so Q4_K does not also fetch Q4_K_M.
         patterns = sorted({pattern.format(tag=tag) for tag in (quant, quant.upper(), quant.lower())
                            for pattern in ("*[-._]{tag}.gguf", "*[-._]{tag}-0*-of-0*.gguf")})
-        folder = download_repo(repo_id, revision, download_dir, allow_patterns=patterns)
+        folder = download(patterns)
         tagged = re.compile(rf"[-._]{re.escape(quant)}(-\d{{5}}-of-\d{{5}})?\.gguf$", re.IGNORECASE)
         ggufs = sorted(path for path in folder.rglob("*.gguf") if tagged.search(path.name))
         if not ggufs:
             raise ValueError(f"{repo_id} has no .gguf file with {quant!r} in its name")
         return _gguf_source(name, _one_gguf(f"{repo_id}:{quant}", ggufs))
-    folder = download_repo(repo_id, revision, download_dir, allow_patterns=MODEL_FILE_PATTERNS)
+    folder = download(MODEL_FILE_PATTERNS)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{repo_id} has no config.json; for a GGUF repo name the quantization or file, "
                          f"e.g. {repo_id}:Q4_K_M or {repo_id}/model.gguf")
@@ -172,4 +214,5 @@ def _unknown_model_message(name: str) -> str:
         problem = f"unknown model {name!r}"
     aliases = ", ".join(sorted(MODEL_ALIASES))
     return (f"{problem}. Pass one of the aliases ({aliases}), a Hugging Face model folder, a .gguf file, "
-            "or a hub repo id (org/name, org/name:Q4_K_M, org/name/file.gguf)")
+            "a hub repo id (org/name, org/name:Q4_K_M, org/name/file.gguf, hf.co/org/name:Q4_K_M, "
+            "modelscope:org/name) or a URL to a .gguf file")

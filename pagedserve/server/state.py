@@ -40,6 +40,7 @@ class ServerState:
         """`model_names`: the models to serve (default: `engine_config.model`), each loaded with
         `engine_config`'s options; with `engine_config.models_dir` set, its models are served too."""
         self.server_config = server_config
+        self.engine_config = engine_config
         self.families = MetricFamilies()
         self.models = build_models(server_config, engine_config, self.families,
                                    [engine_config.model] if model_names is None else list(model_names))
@@ -63,6 +64,41 @@ class ServerState:
         if name is None:
             return self.served_models[0]
         return self.models.get(name) or self.models.get(name.removesuffix(":latest"))
+
+    # ---- models added and removed while serving (Ollama's /api/pull, /api/create, /api/copy, /api/delete)
+
+    def add_model(self, name: str) -> ServedModel:
+        """Serve `name` (a created model or any model name) from now on, loaded on first use."""
+        existing = self.lookup(name)
+        if existing is not None:
+            return existing
+        keep_alive = (parse_duration(self.server_config.keep_alive) if self.server_config.keep_alive is not None
+                      else _LAZY_KEEP_ALIVE_SECONDS)
+        model = ServedModel((name,), name, self.engine_config, self.server_config, self.families, is_eager=False,
+                            keep_alive=keep_alive)
+        self.models[name] = model
+        return model
+
+    async def remove_model(self, model: ServedModel) -> None:
+        """Stop serving `model` under every name (unloading it; requests in flight finish first)."""
+        for name in [name for name, served in self.models.items() if served is model]:
+            del self.models[name]
+        await model.shutdown()
+
+    async def make_room(self, loading: ServedModel) -> None:
+        """Before `loading` loads: with --max-loaded-models (OLLAMA_MAX_LOADED_MODELS) reached, unload the
+        idle model whose keep-alive runs out first, as Ollama does; if every loaded model is busy, load anyway."""
+        limit = self.server_config.max_loaded_models
+        if limit is None or loading.is_loaded:
+            return
+        loaded = [model for model in self.served_models if model.is_loaded and model is not loading]
+        idle = sorted((model for model in loaded if not model.num_active),
+                      key=lambda model: model.expires_at if model.expires_at is not None else math.inf)
+        while len(loaded) >= limit and idle:
+            victim = idle.pop(0)
+            if await victim.unload():
+                loaded.remove(victim)
+                logger.info("unloaded %s to load %s (--max-loaded-models %d)", victim.name, loading.name, limit)
 
     # ---- start-up and readiness -----------------------------------------------------------------
 
@@ -108,6 +144,7 @@ class ServerState:
         sent (a stream: until it closes). `keep_alive`: the request's, if it gave one."""
         if self.is_draining:
             raise APIError("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+        await self.make_room(model)
         waited = await model.acquire()
         try:
             response = await handler(waited)

@@ -2,7 +2,8 @@
 wherever a model is named (LLM(), serve, run, generate).
 
 Where the directory is: `--models-dir` / `EngineConfig.models_dir`, else $PAGEDSERVE_MODELS, else
-$XDG_DATA_HOME/pagedserve/models (~/.local/share/pagedserve/models). The environment is read here only.
+$OLLAMA_MODELS, else $XDG_DATA_HOME/pagedserve/models (~/.local/share/pagedserve/models): the default
+of a library call. `serve` reads OLLAMA_MODELS at start-up into `models_dir` (config/environment.py).
 A manifest records a concrete source (alias, absolute path or hub repo id): a model created FROM
 another created model is flattened at creation, so resolving a name is one step.
 """
@@ -66,8 +67,9 @@ def models_dir(explicit: str | os.PathLike | None = None, environ: Mapping[str, 
     """The models directory: `explicit` if given, else from the environment (see the module docstring)."""
     if explicit:
         return Path(explicit).expanduser()
-    if environ.get(MODELS_DIR_ENV):
-        return Path(environ[MODELS_DIR_ENV]).expanduser()
+    for variable in (MODELS_DIR_ENV, "OLLAMA_MODELS"):
+        if environ.get(variable):
+            return Path(environ[variable]).expanduser()
     data_home = environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data_home).expanduser() / "pagedserve" / "models"
 
@@ -169,6 +171,19 @@ def create_model(name: str, modelfile_text: str, directory: Path, base_dir: Path
                              parent=parent.name if parent is not None else None)
     save_manifest(manifest, directory)
     return manifest
+
+
+def copy_model(source: str, destination: str, directory: Path, base_dir: Path) -> ModelManifest:
+    """`cp SOURCE DESTINATION`: a created model's manifest under a new name, or, for any other model
+    name (alias, path, hub repo id), a new model made FROM it."""
+    check_name(destination)
+    manifest = find_manifest(source, directory)
+    if manifest is None:
+        return create_model(destination, f"FROM {source}\n", directory, base_dir)
+    copied = ModelManifest(name=destination, source=manifest.source, modelfile=manifest.modelfile,
+                           chat_template=manifest.chat_template, parent=manifest.parent)
+    save_manifest(copied, directory)
+    return copied
 
 
 def _first(value: str | None, fallback: str | None) -> str | None:

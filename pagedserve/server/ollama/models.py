@@ -1,4 +1,4 @@
-"""The Ollama API's model routes: /api/tags, /api/show, /api/ps and /api/pull (mounted by ollama/routes.py,
+"""The Ollama API's model routes: /api/tags, /api/show and /api/ps (mounted by ollama/routes.py,
 behind the API key). What they say about a model is read from its files' headers once (loader/model_info.py).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from pagedserve.server.errors import APIError
-from pagedserve.server.ollama.protocol import OllamaBody, PullBody, ShowBody, expires_at, timestamp
+from pagedserve.server.ollama.protocol import OllamaBody, ShowBody, expires_at, timestamp
 from pagedserve.server.api import read_body, server_state
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
@@ -80,22 +80,6 @@ async def show(request: Request) -> JSONResponse:
     if manifest and manifest.modelfile.license:
         response["license"] = manifest.modelfile.license
     return JSONResponse(response)
-
-
-@router.post("/api/pull")
-async def pull(request: Request) -> Response:
-    """No registry here: a model this server already has is "pulled"; any other is not found."""
-    state = server_state(request)
-    body = await read_body(request, PullBody)
-    name = body.model or body.name
-    if not name:
-        raise APIError("model is required")
-    if state.lookup(name) is None:
-        raise APIError(f"model '{name}' not found: pagedserve pulls from no registry; serve a GGUF file, a Hugging "
-                       "Face folder, an alias or a model made with `pagedserve create`", HTTPStatus.NOT_FOUND)
-    if not body.stream:
-        return JSONResponse({"status": "success"})
-    return Response(json.dumps({"status": "success"}) + "\n", media_type="application/x-ndjson")
 
 
 def find_model(state: ServerState, body: OllamaBody) -> ServedModel:

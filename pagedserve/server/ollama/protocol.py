@@ -10,7 +10,7 @@ import math
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.config.duration import parse_duration
 from pagedserve.outputs import RequestOutput
@@ -86,6 +86,30 @@ class ShowBody(OllamaBody):
 
 class PullBody(OllamaBody):
     stream: bool = True
+    insecure: bool = False
+
+
+class CopyBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    source: str
+    destination: str
+
+
+class CreateBody(OllamaBody):
+    """Ollama's /api/create: the structured fields (Ollama >= 0.5.5), or a whole `modelfile` (older)."""
+
+    stream: bool = True
+    from_: str | None = Field(default=None, alias="from")
+    modelfile: str | None = None
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
 
 
 def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool
