@@ -46,7 +46,7 @@ def test_healthcheck_asks_health_on_the_served_port():
     # One variable moves both: `serve` listens on $PAGEDSERVE_PORT and the health check asks there.
     environment = dockerfile.env(dockerfile.final_stage())
     assert "PAGEDSERVE_HEALTH_URL" not in environment and environment["PAGEDSERVE_PORT"] == "8000"
-    assert serve_configs([], {"PAGEDSERVE_PORT": environment["PAGEDSERVE_PORT"]})[1].port == ServerConfig().port
+    assert serve_configs(["serve"], {"PAGEDSERVE_PORT": "9001"})[1].port == 9001
 
 
 def test_torch_is_the_release_pyproject_pins():
