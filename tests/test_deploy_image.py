@@ -17,7 +17,7 @@ import pytest
 from pagedserve.cli.main import serve_configs
 from pagedserve.config import ServerConfig
 from tests import dockerfile
-from tests.serve_command import HEALTH_PATH, parse_serve
+from tests.serve_command import parse_serve
 
 HEALTHCHECK_SCRIPT = dockerfile.REPO / "deploy" / "healthcheck.py"
 

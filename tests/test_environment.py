@@ -2,7 +2,6 @@
 wins over it. Parsing only (serve_configs); tests/test_pull.py and test_ollama_models.py run real servers."""
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 

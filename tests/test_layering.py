@@ -38,3 +38,9 @@ def test_an_upward_import_breaks_a_contract(tmp_path):
 def test_the_core_type_checks():
     result = run("mypy", ROOT)
     assert result.returncode == 0, result.stdout[-5000:]
+
+
+def test_no_unused_imports_or_undefined_names():
+    result = subprocess.run([str(BIN / "ruff"), "check", "--select", "F,E9", "pagedserve", "tests", "bench"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-5000:]

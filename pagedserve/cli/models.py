@@ -7,18 +7,15 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from pagedserve.cli.remote import DEFAULT_URL, add_server_flags, get
 from pagedserve.loader.model_info import human_bytes, human_number
 from pagedserve.store.models_dir import (check_name, create_model, find_manifest, list_manifests, models_dir,
                                     remove_manifest, resolve_named_model)
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 
 def add_model_commands(commands: argparse._SubParsersAction, add_engine_flags: Callable) -> None:
     create = commands.add_parser("create", help="create a model from a Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)")
@@ -29,7 +26,7 @@ def add_model_commands(commands: argparse._SubParsersAction, add_engine_flags: C
 
     listing = commands.add_parser("list", aliases=["ls"], help="list created models (or a server's, with --url)")
     _add_models_dir(listing)
-    _add_server_flags(listing, default_url=None)
+    add_server_flags(listing, default_url=None)
     listing.set_defaults(func=_list)
 
     show = commands.add_parser("show", help="show a model's architecture, parameters, context length and template")
@@ -45,14 +42,14 @@ def add_model_commands(commands: argparse._SubParsersAction, add_engine_flags: C
     remove.set_defaults(func=_remove)
 
     ps = commands.add_parser("ps", help="list the models a running server has loaded")
-    _add_server_flags(ps, default_url=DEFAULT_URL)
+    add_server_flags(ps, default_url=DEFAULT_URL)
     ps.set_defaults(func=_ps)
 
     run = commands.add_parser("run", help="answer one prompt and print the answer")
     run.add_argument("model_positional", metavar="MODEL", help="the model (a served name with --url)")
     run.add_argument("prompt", nargs="*", help="the prompt (default: read from stdin)")
     run.add_argument("--verbose", action="store_true", help="print timings and token rates to stderr")
-    _add_server_flags(run, default_url=None)
+    add_server_flags(run, default_url=None)
     add_engine_flags(run)
     run.set_defaults(func=_run, log_level="WARNING")
 
@@ -60,14 +57,6 @@ def add_model_commands(commands: argparse._SubParsersAction, add_engine_flags: C
 def _add_models_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", "--models_dir", dest="models_dir", default=None,
                         help="the models directory (default: $PAGEDSERVE_MODELS or ~/.local/share/pagedserve/models)")
-
-
-def _add_server_flags(parser: argparse.ArgumentParser, default_url: str | None) -> None:
-    where = f"(default: {default_url})" if default_url else "instead of loading the model here"
-    parser.add_argument("--url", default=default_url, help=f"a running server, e.g. {DEFAULT_URL} {where}")
-    parser.add_argument("--api-key", "--api_key", dest="server_api_key", metavar="KEY",
-                        default=os.environ.get("PAGEDSERVE_API_KEY"),
-                        help="the server's API key (default: $PAGEDSERVE_API_KEY)")
 
 
 # ---- create, list, show, rm -------------------------------------------------------------------------
@@ -85,7 +74,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.url is not None:
-        models = _get(args, "/api/tags")["models"]
+        models = get(args, "/api/tags")["models"]
         rows = [[m["name"], m["digest"][:12], human_bytes(m["size"]), _ago(m["modified_at"])] for m in models]
         _print_table(["NAME", "ID", "SIZE", "MODIFIED"], rows)
         return 0
@@ -150,26 +139,12 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _ps(args: argparse.Namespace) -> int:
     rows = []
-    for model in _get(args, "/api/ps")["models"]:
+    for model in get(args, "/api/ps")["models"]:
         processor = "100% CPU" if not model.get("size_vram") else "100% GPU"
         rows.append([model["name"], model["digest"][:12], human_bytes(model["size"]), processor,
                      str(model.get("context_length", "")), _until(model["expires_at"])])
     _print_table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"], rows)
     return 0
-
-
-def _get(args: argparse.Namespace, path: str) -> dict[str, Any]:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {args.server_api_key}"} if args.server_api_key else {}
-    url = args.url.rstrip("/")
-    try:
-        response = httpx.get(url + path, headers=headers, timeout=30)
-    except httpx.HTTPError as error:
-        raise ValueError(f"cannot reach the server at {url}: {error}") from None
-    if response.status_code != 200:
-        raise ValueError(f"{url}{path} answered {response.status_code}: {response.text.strip()}")
-    return response.json()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,12 +12,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from pagedserve.cli.remote import DEFAULT_URL, add_server_flags, headers, post
 from pagedserve.store.models_dir import copy_model, models_dir
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 
 def add_pull_commands(commands: argparse._SubParsersAction) -> None:
     pull = commands.add_parser("pull", help="download a model from a hub or a URL into the cache")
@@ -29,7 +26,7 @@ def add_pull_commands(commands: argparse._SubParsersAction) -> None:
     pull.add_argument("--use-modelscope", "--use_modelscope", dest="use_modelscope", action="store_true",
                       default=_true(os.environ.get("VLLM_USE_MODELSCOPE")),
                       help="download org/name from ModelScope (default: $VLLM_USE_MODELSCOPE)")
-    _add_url(pull, default_url=None)
+    add_server_flags(pull, default_url=None, without_url="(default: do it here)")
     pull.set_defaults(func=_pull)
 
     copy = commands.add_parser("cp", help="copy a model under a new name")
@@ -38,25 +35,17 @@ def add_pull_commands(commands: argparse._SubParsersAction) -> None:
     copy.add_argument("--models-dir", "--models_dir", dest="models_dir", default=None,
                       help="the models directory (default: $PAGEDSERVE_MODELS, $OLLAMA_MODELS or "
                            "~/.local/share/pagedserve/models)")
-    _add_url(copy, default_url=None)
+    add_server_flags(copy, default_url=None, without_url="(default: do it here)")
     copy.set_defaults(func=_copy)
 
     stop = commands.add_parser("stop", help="unload a model from a running server now")
     stop.add_argument("model", help="the model's served name")
-    _add_url(stop, default_url=DEFAULT_URL)
+    add_server_flags(stop, default_url=DEFAULT_URL)
     stop.set_defaults(func=_stop)
 
 
 def _true(text: str | None) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _add_url(parser: argparse.ArgumentParser, default_url: str | None) -> None:
-    where = f"(default: {default_url})" if default_url else "(default: do it here)"
-    parser.add_argument("--url", default=default_url, help=f"a running server, e.g. {DEFAULT_URL} {where}")
-    parser.add_argument("--api-key", "--api_key", dest="server_api_key", metavar="KEY",
-                        default=os.environ.get("PAGEDSERVE_API_KEY"),
-                        help="the server's API key (default: $PAGEDSERVE_API_KEY)")
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -76,7 +65,7 @@ def _pull_on_server(args: argparse.Namespace) -> int:
 
     shown = ""
     with httpx.stream("POST", args.url.rstrip("/") + "/api/pull", json={"model": args.model, "stream": True},
-                      headers=_headers(args), timeout=None) as response:
+                      headers=headers(args), timeout=None) as response:
         if response.status_code != 200:
             raise ValueError(f"{args.url}: {response.status_code} {response.read().decode(errors='replace')}")
         for line in response.iter_lines():
@@ -97,7 +86,7 @@ def _pull_on_server(args: argparse.Namespace) -> int:
 
 def _copy(args: argparse.Namespace) -> int:
     if args.url is not None:
-        _post(args, "/api/copy", {"source": args.source, "destination": args.destination})
+        post(args, "/api/copy", {"source": args.source, "destination": args.destination})
     else:
         copy_model(args.source, args.destination, models_dir(args.models_dir), Path.cwd())
     print(f"copied '{args.source}' to '{args.destination}'")
@@ -105,22 +94,5 @@ def _copy(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    _post(args, "/api/generate", {"model": args.model, "keep_alive": 0})
+    post(args, "/api/generate", {"model": args.model, "keep_alive": 0})
     return 0
-
-
-def _headers(args: argparse.Namespace) -> dict[str, str]:
-    return {"Authorization": f"Bearer {args.server_api_key}"} if args.server_api_key else {}
-
-
-def _post(args: argparse.Namespace, path: str, body: dict[str, Any]) -> Any:
-    import httpx
-
-    response = httpx.post(args.url.rstrip("/") + path, json=body, headers=_headers(args), timeout=60)
-    if response.status_code != 200:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise ValueError(f"{args.url}{path}: {response.status_code} {message}")
-    return response.json() if response.content else None

@@ -11,7 +11,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from pagedserve.server.errors import APIError
 from pagedserve.server.ollama.protocol import OllamaBody, ShowBody, expires_at, timestamp
