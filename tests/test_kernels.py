@@ -63,7 +63,7 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
     got = ops.packed_linear(x, packed, bias, use_kernel=True)
-    # Decode-sized inputs run on int16 activations (two levels per 32 values), the rest on float:
+    # One-row inputs run on int16 activations (two levels per 32 values), the rest on float:
     # both within float32 rounding of the float64 product.
     expected = (x.double() @ packed.dequantize().double().t() + bias.double()).float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
