@@ -144,8 +144,8 @@ def test_errors_are_ollamas(server, client):
     with pytest.raises(ollama.ResponseError) as streamed:
         list(client.generate(model=NAME, prompt="Hi", options={"num_predict": "many"}, stream=True))
     assert streamed.value.status_code == 400
-    with pytest.raises(ollama.ResponseError, match="structured output is not supported yet") as structured:
-        client.chat(model=NAME, messages=QUESTION, format="json")
+    with pytest.raises(ollama.ResponseError, match="invalid format") as structured:
+        client.chat(model=NAME, messages=QUESTION, format="xml")
     assert structured.value.status_code == 400
     with pytest.raises(ollama.ResponseError, match="images are not supported") as images:
         client.generate(model=NAME, prompt="What is this?", images=[b"\x89PNG"])

@@ -9,6 +9,7 @@ from typing import Any
 from pagedserve.config.duration import parse_duration
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 GENERATION_CONFIG_CHOICES = ("auto", "vllm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -43,6 +44,12 @@ class ServerConfig:
     reasoning_parser: str | None = field(
         default=None, metadata={"help": "split <think>...</think> into reasoning_content",
                                 "choices": REASONING_PARSERS})
+    enable_auto_tool_choice: bool = field(
+        default=False, metadata={"help": "let the model decide to call tools (tool_choice auto); needs "
+                                         "--tool-call-parser"})
+    tool_call_parser: str | None = field(
+        default=None, metadata={"help": "how tool calls are read out of the model's text (required/named "
+                                        "tool_choice work without it)", "choices": TOOL_CALL_PARSERS})
     response_role: str = field(default="assistant", metadata={"help": "role of generated chat messages"})
     generation_config: str = field(
         default="auto", metadata={"help": "auto: the model's generation_config.json sets sampling defaults; "
@@ -76,6 +83,12 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)})")
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
                              f"got {self.generation_config!r}")

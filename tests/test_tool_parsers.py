@@ -1,0 +1,104 @@
+"""Tool-call parsers on outputs as models write them: parsed whole, and streamed split at every character
+(and one character at a time), the streamed deltas add up to exactly the whole parse."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedserve.config.server import TOOL_CALL_PARSERS
+from pagedserve.server.tool_parsers import (TOOL_PARSERS, JsonListParser, NamedToolParser, ToolCallStream,
+                                            make_parser, parse_tool_calls)
+
+WEATHER = {"city": "Paris", "unit": "celsius"}
+
+# (parser, output, expected content, expected [(name, arguments as a dict)])
+RECORDED = [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+     None, [("get_weather", WEATHER)]),
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
+               '"celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n'
+               '</tool_call>', "Let me check.", [("get_weather", WEATHER), ("get_time", {"tz": "Europe/Paris"})]),
+    # a model that stops (EOS) before writing the closing tag
+    ("hermes", '<tool_call>\n{"name": "search", "arguments": {"q": "a \\"quoted\\" {brace}"}}',
+     None, [("search", {"q": 'a "quoted" {brace}'})]),
+    ("hermes", '<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},\n'
+               '{"name": "get_time", "arguments": {"tz": "UTC"}}\n]</tool_call>',
+     None, [("get_weather", WEATHER), ("get_time", {"tz": "UTC"})]),
+    ("hermes", "The weather in Paris is sunny.", "The weather in Paris is sunny.", []),
+    ("hermes", "<tool_call>\nnot json at all\n</tool_call>", "<tool_call>\nnot json at all\n</tool_call>", []),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+     None, [("get_weather", WEATHER)]),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {"y": [1, 2]}}',
+     None, [("a", {"x": 1}), ("b", {"y": [1, 2]})]),
+    ("llama3_json", "Paris is in France.", "Paris is in France.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
+     None, [("get_weather", WEATHER)]),
+    ("mistral", 'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}',
+     "Sure.", [("get_weather", WEATHER)]),
+    ("pythonic", '[get_weather(city="Paris", unit="celsius"), get_time(tz="UTC")]',
+     None, [("get_weather", WEATHER), ("get_time", {"tz": "UTC"})]),
+    ("pythonic", "[not a call list", "[not a call list", []),
+]
+
+
+def test_every_parser_flag_has_a_parser():
+    assert set(TOOL_CALL_PARSERS) == set(TOOL_PARSERS)
+
+
+@pytest.mark.parametrize("parser_name, output, content, expected", RECORDED)
+def test_whole_outputs(parser_name, output, content, expected):
+    got_content, calls = parse_tool_calls(make_parser(parser_name), output)
+    assert got_content == content
+    assert [(call.name, json.loads(call.arguments)) for call in calls] == expected
+    assert len({call.id for call in calls}) == len(calls)
+
+
+def stream(parser, pieces: list[str]) -> tuple[str, list[dict]]:
+    """Feed the pieces; return the content and each call as the deltas built it."""
+    parsed = ToolCallStream(parser)
+    content = ""
+    calls: list[dict] = []
+    for number, piece in enumerate(pieces):
+        delta = parsed.feed(piece, is_finished=number == len(pieces) - 1)
+        content += delta.content
+        for item in delta.tool_calls:
+            if "id" in item:
+                assert item["index"] == len(calls) and item["type"] == "function"
+                assert item["function"]["arguments"] == ""
+                calls.append({"id": item["id"], "name": item["function"]["name"], "arguments": ""})
+            else:
+                assert set(item) == {"index", "function"} and set(item["function"]) == {"arguments"}
+                calls[item["index"]]["arguments"] += item["function"]["arguments"]
+    return content, calls
+
+
+@pytest.mark.parametrize("parser_name, output, content, expected", RECORDED)
+def test_streamed_outputs_split_anywhere_add_up_to_the_whole(parser_name, output, content, expected):
+    whole_content, whole_calls = parse_tool_calls(make_parser(parser_name), output)
+    splits = [[output[:cut], output[cut:]] for cut in range(1, len(output))] + [list(output)]
+    for pieces in splits:
+        streamed_content, streamed_calls = stream(make_parser(parser_name), pieces)
+        assert streamed_content.strip() == (whole_content or ""), pieces
+        assert [(c["name"], c["arguments"]) for c in streamed_calls] == \
+            [(c.name, c.arguments) for c in whole_calls], pieces
+
+
+def test_arguments_stream_before_the_call_is_complete():
+    parsed = ToolCallStream(make_parser("hermes"))
+    first = parsed.feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', is_finished=False)
+    assert [item["function"] for item in first.tool_calls] == [{"name": "get_weather", "arguments": ""},
+                                                              {"arguments": '{"city": "Pa'}]
+    second = parsed.feed('ris"}}\n</tool_call>', is_finished=True)
+    assert second.tool_calls == [{"index": 0, "function": {"arguments": 'ris"}'}}]
+
+
+def test_required_and_named_outputs():
+    content, calls = parse_tool_calls(JsonListParser(), '[{"name": "a", "parameters": {"x": 1}}, '
+                                                        '{"name": "b", "parameters": {}}]')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    content, calls = parse_tool_calls(NamedToolParser("get_weather"), '{"city": "Paris"}')
+    assert content is None and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+    _, only_first = parse_tool_calls(JsonListParser(), '[{"name": "a", "parameters": {}}, {"name": "b", '
+                                                       '"parameters": {}}]', max_calls=1)
+    assert [c.name for c in only_first] == ["a"]
