@@ -38,6 +38,9 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | dict[str, Any] | None = None
+    # The grammar applies only after this text ends the output's reasoning (a reasoning model's
+    # "</think>"): the thinking before it is free, as in vLLM.
+    starts_after: str | None = None
 
     def __post_init__(self) -> None:
         given = [kind for kind in _STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]

@@ -157,3 +157,26 @@ def test_a_matcher_out_of_step_with_its_tokens_is_rebuilt(llm):
     assert matchers.num_rebuilds == 1 and matcher is not None
     assert not matcher.accept_token(tokenizer.encode("a", add_special_tokens=False)[0])
     assert matcher.accept_string("3x")
+
+
+def test_the_grammar_applies_after_the_reasoning_ends(llm):
+    """With starts_after (the server sets it to "</think>" for a reasoning model), the text before the
+    marker is free and the rest follows the grammar."""
+    tokenizer = llm.get_tokenizer()
+    grammar = llm.processor.grammars.compile(StructuredOutputsParams(regex="[0-9]+"))
+    marker = tuple(tokenizer.encode(" done:", add_special_tokens=False))
+    seq = Sequence("r", [1, 2, 3], SamplingParams(), max_tokens=50)
+    matchers = GrammarMatchers()
+    matchers.add(seq.seq_id, grammar, marker)
+    for token_id in tokenizer.encode("I think it is", add_special_tokens=False):
+        seq.append_token(token_id)
+        assert matchers.matcher_for(seq) is None         # still reasoning: unconstrained
+        matchers.accept(seq)
+    for token_id in marker:
+        seq.append_token(token_id)
+    matcher = matchers.matcher_for(seq)
+    assert matcher is not None and matchers.num_rebuilds == 0
+    seq.append_token(tokenizer.encode("42", add_special_tokens=False)[0])
+    matchers.accept(seq)
+    assert matchers.matcher_for(seq) is matcher and matchers.num_rebuilds == 0
+    assert not matcher.accept_string("x") and matcher.accept_string("7")

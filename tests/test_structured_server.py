@@ -1,6 +1,10 @@
-"""Structured output over HTTP with SmolLM2, through the clients people use: the openai SDK's
-`response_format` (also `.parse(response_format=PydanticModel)`), vLLM's `structured_outputs` and
-`guided_*` on chat and completions, and Ollama's `format` through the ollama SDK."""
+"""Structured output and tool calls over HTTP with SmolLM2, through the clients people use: the openai
+SDK's `response_format` (also `.parse(response_format=PydanticModel)`), vLLM's `structured_outputs` and
+`guided_*` on chat and completions, Ollama's `format` through the ollama SDK; `tools` with tool_choice
+required / named, whole and streamed, a round trip through a tool result, and Ollama's `tools`.
+
+SmolLM2's chat template has no tools section, so every tool request here goes through the generic tool
+prompt; SmolLM2-135M never decides to call a tool by itself, so calls are forced with tool_choice."""
 from __future__ import annotations
 
 import json
@@ -53,7 +57,8 @@ class Capital(BaseModel):
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess(["smollm2-135m-instruct", "--served-model-name", NAME, "--max-model-len", "2048",
-                        "--kv-cache-space", "0.3"]).running() as process:
+                        "--kv-cache-space", "0.3", "--enable-auto-tool-choice",
+                        "--tool-call-parser", "hermes"]).running() as process:
         yield process
         process.check_log()
 
@@ -151,3 +156,101 @@ def test_ollama_format_schema_and_json(server):
     with pytest.raises(ollama.ResponseError) as bad:
         client.chat(model=NAME, messages=ask("hi"), format={"type": "objectt"})
     assert bad.value.status_code == 400
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                   "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+WEATHER_QUESTION = ask("What is the weather in Paris?")
+
+
+def test_required_tool_choice_returns_valid_calls(client, server):
+    response = client.chat.completions.create(model=NAME, messages=WEATHER_QUESTION, tools=TOOLS,
+                                              tool_choice="required", max_tokens=120, temperature=0)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+    assert "generic system prompt" in server.log()
+
+
+def test_streamed_required_tool_calls_arrive_as_openai_sends_them(client):
+    stream = client.chat.completions.create(model=NAME, messages=WEATHER_QUESTION, tools=TOOLS,
+                                            tool_choice="required", parallel_tool_calls=False, max_tokens=120,
+                                            temperature=0, stream=True)
+    calls: dict[int, dict] = {}
+    finish_reasons = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                if delta.id is not None:
+                    assert delta.index not in calls and delta.type == "function" and delta.function.name
+                    calls[delta.index] = {"name": delta.function.name, "arguments": delta.function.arguments or ""}
+                else:
+                    calls[delta.index]["arguments"] += delta.function.arguments
+            if choice.finish_reason:
+                finish_reasons.append(choice.finish_reason)
+    assert finish_reasons == ["tool_calls"]
+    assert list(calls) == [0]          # parallel_tool_calls false: exactly one
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMETERS[calls[0]["name"]])
+
+
+def test_named_tool_choice_and_a_round_trip_through_the_tool_result(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = client.chat.completions.create(model=NAME, messages=WEATHER_QUESTION, tools=TOOLS,
+                                              tool_choice=named, max_tokens=80, temperature=0)
+    call = response.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, PARAMETERS["get_weather"])
+    history = [*WEATHER_QUESTION, response.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
+    final = client.chat.completions.create(model=NAME, messages=history, tools=TOOLS, tool_choice="none",
+                                           max_tokens=40, temperature=0)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_tools_are_400(client):
+    for tools, tool_choice, words in [
+        ([{"type": "function", "function": {"description": "no name"}}], "required", "has no name"),
+        (TOOLS, {"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+        (TOOLS, "sometimes", "tool_choice must be"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.chat.completions.create(model=NAME, messages=WEATHER_QUESTION, tools=tools,
+                                           tool_choice=tool_choice, max_tokens=5)
+
+
+def test_ollama_tools_and_history(server):
+    client = ollama.Client(host=server.base_url, timeout=600)
+    answer = client.chat(model=NAME, messages=WEATHER_QUESTION, tools=TOOLS, options={"num_predict": 30})
+    assert answer.done and (answer.message.content or answer.message.tool_calls)
+    history = [*WEATHER_QUESTION,
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+               {"role": "tool", "content": '{"temperature": 21}', "tool_name": "get_weather"}]
+    final = client.chat(model=NAME, messages=history, tools=TOOLS, options={"num_predict": 30, "temperature": 0})
+    assert final.message.content
+
+
+def test_langchain_bind_tools_and_with_structured_output(server):
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=server.url("/v1"), api_key="na", model=NAME, temperature=0, max_tokens=80,
+                      max_retries=0, timeout=600)
+    message = chat.bind_tools([WEATHER_TOOL], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+    jsonschema.validate(message.tool_calls[0]["args"], PARAMETERS["get_weather"])
+    capital = chat.with_structured_output(Capital).invoke("What is the capital of France?")
+    assert isinstance(capital, Capital)

@@ -102,3 +102,52 @@ def test_required_and_named_outputs():
     _, only_first = parse_tool_calls(JsonListParser(), '[{"name": "a", "parameters": {}}, {"name": "b", '
                                                        '"parameters": {}}]', max_calls=1)
     assert [c.name for c in only_first] == ["a"]
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+TOOLS_TEMPLATE = "{% for tool in tools %}{{ tool.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def plan(tool_choice=None, template=TOOLS_TEMPLATE, parser="hermes", enabled=True, parallel=None):
+    from pagedserve.server.tool_parsers.plan import plan_tools
+
+    return plan_tools(HISTORY, [TOOL], tool_choice, parallel, template, parser, enabled, "m")
+
+
+def test_auto_needs_the_flags_as_in_vllm():
+    from pagedserve.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match="--enable-auto-tool-choice"):
+        plan(enabled=False)
+    assert plan("required", enabled=False).structured_outputs is not None
+
+
+def test_a_template_with_tools_gets_them_and_object_arguments():
+    tools = plan()
+    assert tools.template_tools == [TOOL] and tools.structured_outputs is None
+    assert tools.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert type(tools.new_parser()).__name__ == "HermesParser"
+
+
+def test_a_template_without_tools_gets_the_generic_prompt_and_history_as_text():
+    tools = plan(template="{% for m in messages %}{{ m.content }}{% endfor %}", parser="mistral")
+    assert tools.template_tools is None
+    system = tools.messages[0]
+    assert system["role"] == "system" and "get_weather" in system["content"] and "<tool_call>" in system["content"]
+    assert '"arguments": {"city": "Paris"}' in tools.messages[2]["content"]
+    assert tools.messages[3] == {"role": "user", "content": "<tool_response>\n21 C\n</tool_response>"}
+    assert type(tools.new_parser()).__name__ == "HermesParser"   # the generic prompt's format
+
+
+def test_required_and_named_are_grammars():
+    required = plan("required", parallel=False)
+    schema = required.structured_outputs.json
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    assert schema["items"]["anyOf"][0]["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
+    named = plan({"type": "function", "function": {"name": "get_weather"}})
+    assert named.structured_outputs.json == TOOL["function"]["parameters"]

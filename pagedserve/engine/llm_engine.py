@@ -135,7 +135,7 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]
         if request.grammar is not None:
             for seq in seqs:
-                self.grammar_matchers.add(seq.seq_id, request.grammar)
+                self.grammar_matchers.add(seq.seq_id, request.grammar, request.grammar_starts_after)
         prompt_logprobs: list[PositionLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self._requests[request_id] = _Request(request_id, request.prompt, prompt_token_ids, params, seqs,
                                               detokenizers, RequestMetrics(request.arrival_time), prompt_logprobs,

@@ -31,6 +31,7 @@ class EngineRequest:
     max_tokens: int
     arrival_time: float = field(default_factory=time.time)
     grammar: Any = None              # xgrammar.CompiledGrammar of params.structured_outputs, compiled
+    grammar_starts_after: tuple[int, ...] = ()   # tokens of structured_outputs.starts_after
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,18 @@ class InputProcessor:
         slow compile holds no worker thread)."""
         prompt_token_ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check(prompt_token_ids, params)
-        grammar = None
-        if params.structured_outputs is not None:
+        grammar, starts_after = None, ()
+        spec = params.structured_outputs
+        if spec is not None:
             if wait_for_grammar:
-                grammar = self.grammars.compile(params.structured_outputs)
+                grammar = self.grammars.compile(spec)
             else:
-                self.grammars.submit(params.structured_outputs)
+                self.grammars.submit(spec)
+            if spec.starts_after:
+                starts_after = tuple(self.tokenize(spec.starts_after, add_special_tokens=False))
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, prompt_token_ids, params,
-                             max_tokens, time.time() if arrival_time is None else arrival_time, grammar)
+                             max_tokens, time.time() if arrival_time is None else arrival_time, grammar,
+                             starts_after)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model; returns its resolved max_tokens."""

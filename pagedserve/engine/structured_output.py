@@ -163,8 +163,22 @@ def _check_json_schema(schema: Any) -> None:
 class _MatcherState:
     grammar: xgr.CompiledGrammar
     matcher: xgr.GrammarMatcher
-    num_accepted_tokens: int = 0
+    starts_after: tuple[int, ...]    # unconstrained until the output has these tokens (reasoning's end)
+    start: int | None                # output index where the constrained part begins, once known
+    num_accepted_tokens: int = 0     # of the constrained part
     is_broken: bool = False          # a token was rejected: the constraint is dropped for this sequence
+    num_searched: int = 0            # output tokens already searched for starts_after
+
+    def find_start(self, output_token_ids: list[int]) -> int | None:
+        if self.start is None:
+            marker, size = list(self.starts_after), len(self.starts_after)
+            first = max(0, self.num_searched - size + 1)
+            self.num_searched = len(output_token_ids)
+            for index in range(first, len(output_token_ids) - size + 1):
+                if output_token_ids[index:index + size] == marker:
+                    self.start = index + size
+                    break
+        return self.start
 
 
 class GrammarMatchers:
@@ -177,8 +191,9 @@ class GrammarMatchers:
     def __len__(self) -> int:
         return len(self._states)
 
-    def add(self, seq_id: int, grammar: xgr.CompiledGrammar) -> None:
-        self._states[seq_id] = _MatcherState(grammar, xgr.GrammarMatcher(grammar))
+    def add(self, seq_id: int, grammar: xgr.CompiledGrammar, starts_after: tuple[int, ...] = ()) -> None:
+        self._states[seq_id] = _MatcherState(grammar, xgr.GrammarMatcher(grammar), starts_after,
+                                             None if starts_after else 0)
 
     def remove(self, seq_ids: tuple[int, ...]) -> None:
         for seq_id in seq_ids:
@@ -189,22 +204,26 @@ class GrammarMatchers:
         state = self._states.get(seq.seq_id)
         if state is None or state.is_broken:
             return None
-        if state.num_accepted_tokens != seq.num_output_tokens:
-            self._rebuild(state, seq)
+        start = state.find_start(seq.output_token_ids)
+        if start is None:
+            return None       # still reasoning
+        if state.num_accepted_tokens != seq.num_output_tokens - start:
+            self._rebuild(state, seq, start)
         return None if state.is_broken else state.matcher
 
     def accept(self, seq: Sequence) -> None:
         """Advance the matcher by the token just appended to `seq`."""
         state = self._states.get(seq.seq_id)
-        if state is None or state.is_broken or state.num_accepted_tokens != seq.num_output_tokens - 1:
-            return    # out of step: matcher_for rebuilds it before it is used again
+        if state is None or state.is_broken or state.start is None or \
+                state.num_accepted_tokens != seq.num_output_tokens - state.start - 1:
+            return    # not constrained yet, or out of step: matcher_for rebuilds it before it is used again
         self._advance(state, seq, seq.token_ids[-1])
 
-    def _rebuild(self, state: _MatcherState, seq: Sequence) -> None:
+    def _rebuild(self, state: _MatcherState, seq: Sequence, start: int) -> None:
         self.num_rebuilds += 1
         state.matcher = xgr.GrammarMatcher(state.grammar)
         state.num_accepted_tokens = 0
-        for token_id in seq.output_token_ids:
+        for token_id in seq.output_token_ids[start:]:
             if not self._advance(state, seq, token_id):
                 return
 

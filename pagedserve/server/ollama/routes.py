@@ -30,7 +30,7 @@ from pagedserve.server.ollama.protocol import (ChatBody, GenerateBody, Inference
                                                sampling_params, think_options, timestamp)
 from pagedserve.server.api import read_body, server_state, verify_api_key
 from pagedserve.server.openai.protocol import random_id
-from pagedserve.server.reasoning import ReasoningParser
+from pagedserve.server.reasoning import ReasoningParser, grammar_after_reasoning
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
 from pagedserve.server.streaming import NDJSONResponse, collect_tracked
@@ -73,6 +73,7 @@ async def chat(request: Request) -> Response:
                                  body.model or body.name)
         prompt = await client.render_chat(tools.messages, ChatOptions(tools=tools.template_tools,
                                                                       chat_template_kwargs=thinking.template_kwargs))
+        params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("chat"), body.model or body.name, start, waited, True,
                    _parser(thinking.reasoning_parser, prompt.text), show_thinking=thinking.show,
                    tools=ToolCallStream(tools.new_parser()) if tools.new_parser is not None else None)
@@ -100,6 +101,8 @@ async def generate(request: Request) -> Response:
         thinking = think_options(body.think, state.server_config.reasoning_parser, model.engine.chat_template,
                                  body.model or body.name)
         prompt = await _generate_prompt(body, model, thinking.template_kwargs)
+        if not body.raw:
+            params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
                    None if body.raw else _parser(thinking.reasoning_parser, prompt.text), with_context=not body.raw,
                    show_thinking=thinking.show)

@@ -15,7 +15,7 @@ from pagedserve.server.errors import sse_error
 from pagedserve.server.openai.logprobs import chat_logprobs, prompt_logprobs
 from pagedserve.server.openai.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatMessage, DeltaMessage, Usage, random_id)
-from pagedserve.server.reasoning import ReasoningParser, split_reasoning
+from pagedserve.server.reasoning import ReasoningParser, grammar_after_reasoning, split_reasoning
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
 from pagedserve.server.tool_parsers import ToolCallStream, ToolParser, parse_tool_calls
@@ -58,6 +58,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
         chat_template=body.chat_template, tools=tools.template_tools, chat_template_kwargs=body.chat_template_kwargs,
         add_special_tokens=body.add_special_tokens))
+    params = grammar_after_reasoning(params, config.reasoning_parser, prompt.text)
     chat = _Chat(random_id("chatcmpl"), body.model or model.name, body, prompt.text,
                  len(prompt.token_ids), config.response_role, config.reasoning_parser, tools,
                  _echo_text(body, config.response_role))
@@ -87,6 +88,7 @@ def _chat_response(chat: _Chat, output: RequestOutput) -> ChatCompletionResponse
         reasoning, content = None, completion.text
         if chat.reasoning_parser is not None:
             reasoning, content = split_reasoning(chat.reasoning_parser, completion.text, chat.prompt)
+            reasoning = reasoning if chat.body.include_reasoning else None
         tool_calls: list[dict[str, Any]] = []
         if chat.tools.new_parser is not None and content is not None:
             content, calls = parse_tool_calls(chat.tools.new_parser(), content, chat.tools.max_calls)
@@ -122,6 +124,7 @@ class _Choice:
 
     parser: ReasoningParser | None
     tools: ToolCallStream | None
+    show_reasoning: bool = True
     num_tokens: int = 0
     pending_logprobs: list[PositionLogprobs] = field(default_factory=list)
     is_finished: bool = False
@@ -131,7 +134,7 @@ async def _stream_chat(chat: _Chat, stream: Any, state: ServerState,
                        tracker: RequestTracker) -> AsyncIterator[str]:
     num_choices = chat.body.n
     choices = [_Choice(ReasoningParser(chat.reasoning_parser, chat.prompt) if chat.reasoning_parser else None,
-                       _tool_stream(chat.tools.new_parser, chat.tools.max_calls))
+                       _tool_stream(chat.tools.new_parser, chat.tools.max_calls), chat.body.include_reasoning)
                for _ in range(num_choices)]
     try:
         for index in range(num_choices):
@@ -189,7 +192,7 @@ def _delta(choice: _Choice, text: str, is_finished: bool) -> DeltaMessage | None
     reasoning, content = "", text
     if choice.parser is not None:
         piece = choice.parser.split(text, is_finished)
-        reasoning, content = piece.reasoning, piece.content
+        reasoning, content = piece.reasoning if choice.show_reasoning else "", piece.content
     tool_calls: list[dict[str, Any]] = []
     if choice.tools is not None:
         tools = choice.tools.feed(content, is_finished)
