@@ -134,7 +134,8 @@ class InputProcessor:
         slow compile holds no worker thread)."""
         prompt_token_ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check(prompt_token_ids, params)
-        grammar, starts_after = None, ()
+        grammar = None
+        starts_after: tuple[int, ...] = ()
         spec = params.structured_outputs
         if spec is not None:
             if wait_for_grammar:
