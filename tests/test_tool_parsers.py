@@ -151,3 +151,34 @@ def test_required_and_named_are_grammars():
     assert schema["items"]["anyOf"][0]["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
     named = plan({"type": "function", "function": {"name": "get_weather"}})
     assert named.structured_outputs.json == TOOL["function"]["parameters"]
+
+
+def test_server_flags_for_tools_and_template_kwargs():
+    from pagedserve.config import ServerConfig
+
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        ServerConfig(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="tool_call_parser must be one of"):
+        ServerConfig(tool_call_parser="nope")
+    config = ServerConfig(default_chat_template_kwargs='{"enable_thinking": false}')
+    assert config.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="JSON object"):
+        ServerConfig(default_chat_template_kwargs="[1]")
+
+
+def test_ollama_think():
+    from pagedserve.sampling_params import SamplingParamsError
+    from pagedserve.server.ollama.protocol import think_options
+
+    qwen3 = "{% if enable_thinking %}<think>{% endif %}"
+    assert think_options(None, None, qwen3, "m").template_kwargs is None
+    on = think_options(True, None, qwen3, "m")
+    assert on.template_kwargs == {"enable_thinking": True} and on.reasoning_parser == "qwen3" and on.show
+    off = think_options(False, None, qwen3, "m")
+    assert off.template_kwargs == {"enable_thinking": False} and not off.show
+    assert think_options("high", "deepseek_r1", None, "m").template_kwargs == {"enable_thinking": True,
+                                                                              "reasoning_effort": "high"}
+    with pytest.raises(SamplingParamsError, match='"m" does not support thinking'):
+        think_options(True, None, "{{ messages }}", "m")
+    with pytest.raises(SamplingParamsError, match="invalid think value"):
+        think_options("max", None, qwen3, "m")

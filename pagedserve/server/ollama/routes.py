@@ -71,8 +71,9 @@ async def chat(request: Request) -> Response:
                            state.server_config.tool_call_parser or GENERIC_PARSER, True, model.name)
         thinking = think_options(body.think, state.server_config.reasoning_parser, client.chat_template,
                                  body.model or body.name)
+        template_kwargs = {**state.server_config.chat_template_kwargs, **(thinking.template_kwargs or {})}
         prompt = await client.render_chat(tools.messages, ChatOptions(tools=tools.template_tools,
-                                                                      chat_template_kwargs=thinking.template_kwargs))
+                                                                      chat_template_kwargs=template_kwargs))
         params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("chat"), body.model or body.name, start, waited, True,
                    _parser(thinking.reasoning_parser, prompt.text), show_thinking=thinking.show,
@@ -100,7 +101,8 @@ async def generate(request: Request) -> Response:
         params = params.replace(structured_outputs=body.structured_outputs())
         thinking = think_options(body.think, state.server_config.reasoning_parser, model.engine.chat_template,
                                  body.model or body.name)
-        prompt = await _generate_prompt(body, model, thinking.template_kwargs)
+        prompt = await _generate_prompt(body, model, {**state.server_config.chat_template_kwargs,
+                                                      **(thinking.template_kwargs or {})})
         if not body.raw:
             params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,

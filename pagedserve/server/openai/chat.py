@@ -54,9 +54,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
             raise SamplingParamsError("tool_choice", "a required or named tool_choice cannot be combined with "
                                                      "response_format or structured_outputs")
         params = params.replace(structured_outputs=tools.structured_outputs)
+    template_kwargs = {**config.chat_template_kwargs, **(body.chat_template_kwargs or {})}
     prompt = await client.render_chat(tools.messages, ChatOptions(
         add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-        chat_template=body.chat_template, tools=tools.template_tools, chat_template_kwargs=body.chat_template_kwargs,
+        chat_template=body.chat_template, tools=tools.template_tools, chat_template_kwargs=template_kwargs,
         add_special_tokens=body.add_special_tokens))
     params = grammar_after_reasoning(params, config.reasoning_parser, prompt.text)
     chat = _Chat(random_id("chatcmpl"), body.model or model.name, body, prompt.text,
