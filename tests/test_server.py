@@ -380,7 +380,7 @@ BAD_CHAT = [
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, 400,
      "structured_outputs"),
     ({"structured_outputs": {"regex": "[a-"}}, 400, "structured_outputs"),
-    ({"guided_choice": ["a"], "guided_regex": "a"}, 400, "guided_regex"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, 400, "guided_choice"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"max_tokens": 9000}, 400, None),
     ({"model": "gpt-4"}, 404, "model"),

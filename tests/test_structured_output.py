@@ -180,3 +180,18 @@ def test_the_grammar_applies_after_the_reasoning_ends(llm):
     matchers.accept(seq)
     assert matchers.matcher_for(seq) is matcher and matchers.num_rebuilds == 0
     assert not matcher.accept_string("x") and matcher.accept_string("7")
+
+
+def test_structural_tags_in_vllms_form_compile_and_constrain(llm):
+    tag = {"structures": [{"begin": "<function=get_weather>", "end": "</function>",
+                           "schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                      "required": ["city"]}}],
+           "triggers": ["<function="]}
+    grammar = llm.processor.grammars.compile(StructuredOutputsParams(structural_tag=tag))
+    matchers = GrammarMatchers()
+    seq = Sequence("r", [1], SamplingParams(), max_tokens=10)
+    matchers.add(seq.seq_id, grammar)
+    matcher = matchers.matcher_for(seq)
+    assert matcher.accept_string("Let me look. <function=get_weather>")
+    assert not matcher.accept_string("nonsense")
+    assert matcher.accept_string('{"city": "Paris"}</function>')
