@@ -195,3 +195,10 @@ def test_structural_tags_in_vllms_form_compile_and_constrain(llm):
     assert matcher.accept_string("Let me look. <function=get_weather>")
     assert not matcher.accept_string("nonsense")
     assert matcher.accept_string('{"city": "Paris"}</function>')
+
+
+def test_a_complete_grammar_ends_the_answer_under_min_tokens_and_ignore_eos(llm):
+    for extra in ({"min_tokens": 8}, {"ignore_eos": True}):
+        params = SamplingParams(max_tokens=20, temperature=0, structured_outputs={"choice": ["yes", "no"]}, **extra)
+        completion = llm.generate("Is the sky blue? Answer:", params)[0].outputs[0]
+        assert completion.text in ("yes", "no") and completion.finish_reason == "stop", (extra, completion)

@@ -228,6 +228,9 @@ class LLMEngine:
             stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
+            elif not seq.is_finished and self.grammar_matchers.is_terminated(seq):
+                # The grammar took its end token: the answer is complete, even under min_tokens or ignore_eos.
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         outputs = []
         for request in touched.values():
             output = self._make_output(request)

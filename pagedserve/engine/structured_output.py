@@ -207,6 +207,8 @@ class GrammarMatchers:
         start = state.find_start(seq.output_token_ids)
         if start is None:
             return None       # still reasoning
+        if state.matcher.is_terminated():
+            return None       # complete (the engine stops such a sequence; xgrammar has no mask past the end)
         if state.num_accepted_tokens != seq.num_output_tokens - start:
             self._rebuild(state, seq, start)
         return None if state.is_broken else state.matcher
@@ -218,6 +220,11 @@ class GrammarMatchers:
                 state.num_accepted_tokens != seq.num_output_tokens - state.start - 1:
             return    # not constrained yet, or out of step: matcher_for rebuilds it before it is used again
         self._advance(state, seq, seq.token_ids[-1])
+
+    def is_terminated(self, seq: Sequence) -> bool:
+        """Whether the sequence's grammar accepted its end: the answer is complete."""
+        state = self._states.get(seq.seq_id)
+        return state is not None and not state.is_broken and state.matcher.is_terminated()
 
     def _rebuild(self, state: _MatcherState, seq: Sequence, start: int) -> None:
         self.num_rebuilds += 1

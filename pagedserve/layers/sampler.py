@@ -122,7 +122,9 @@ def _apply_row_processors(logits: torch.Tensor, row: SamplingRow) -> None:
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias.keys()), device=logits.device)
         logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
-    if len(row.token_ids) - row.num_prompt_tokens < params.min_tokens:
+    # NOTE: a grammar decides itself when the answer may end; banning the end it requires would leave
+    # no token at all.
+    if row.grammar is None and len(row.token_ids) - row.num_prompt_tokens < params.min_tokens:
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(row.eos_token_ids))
         banned_ids = [t for t in banned if t < vocab_size]
         if banned_ids:
