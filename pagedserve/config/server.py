@@ -9,6 +9,7 @@ from typing import Any
 from pagedserve.config.duration import parse_duration
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 GENERATION_CONFIG_CHOICES = ("auto", "vllm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -43,6 +44,15 @@ class ServerConfig:
     reasoning_parser: str | None = field(
         default=None, metadata={"help": "split <think>...</think> into reasoning_content",
                                 "choices": REASONING_PARSERS})
+    enable_auto_tool_choice: bool = field(
+        default=False, metadata={"help": "let the model decide to call tools (tool_choice auto); needs "
+                                         "--tool-call-parser"})
+    tool_call_parser: str | None = field(
+        default=None, metadata={"help": "how tool calls are read out of the model's text (required/named "
+                                        "tool_choice work without it)", "choices": TOOL_CALL_PARSERS})
+    default_chat_template_kwargs: str | None = field(
+        default=None, metadata={"help": "JSON object of chat template variables for every chat request (a "
+                                        "request's chat_template_kwargs win), e.g. '{\"enable_thinking\": false}'"})
     response_role: str = field(default="assistant", metadata={"help": "role of generated chat messages"})
     generation_config: str = field(
         default="auto", metadata={"help": "auto: the model's generation_config.json sets sampling defaults; "
@@ -64,10 +74,16 @@ class ServerConfig:
         default=True, metadata={"help": "serve the web chat at / to browsers; with --no-webui, GET / only answers "
                                         "'Ollama is running', as it does for other clients", "aliases": ("--webui",)})
 
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """--default-chat-template-kwargs as a mapping ({} when not given)."""
+        return json.loads(self.default_chat_template_kwargs) if self.default_chat_template_kwargs else {}
+
     def __post_init__(self) -> None:
         for name in ("served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"):
             object.__setattr__(self, name, _string_list(name, getattr(self, name)))
         object.__setattr__(self, "override_generation_config", _json_object_text(self.override_generation_config))
+        object.__setattr__(self, "default_chat_template_kwargs", _template_kwargs_text(self.default_chat_template_kwargs))
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
@@ -76,6 +92,12 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)})")
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
                              f"got {self.generation_config!r}")
@@ -107,6 +129,20 @@ class ServerConfig:
 
 
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def _template_kwargs_text(value: Any) -> str | None:
+    """`--default-chat-template-kwargs` as canonical JSON text (any JSON object)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"default_chat_template_kwargs is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"default_chat_template_kwargs must be a JSON object, got {value!r}")
+    return json.dumps(value, sort_keys=True)
 
 
 def _json_object_text(value: Any) -> str | None:

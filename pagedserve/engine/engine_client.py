@@ -10,6 +10,7 @@ in another process or behind several replicas without its callers changing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
@@ -95,7 +96,11 @@ class EngineClient:
         """Check and queue one request; its outputs arrive on the returned stream. Raises ValueError
         (nothing queued) for a request the model cannot serve."""
         request_id = request_id or f"req-{next(self._ids)}"
-        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens)
+        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens, None,
+                                  False)
+        if params.structured_outputs is not None:
+            grammar = await self._processor.grammars.compile_async(params.structured_outputs)
+            request = dataclasses.replace(request, grammar=grammar)
         return await self._core.add_request(request)
 
     def abort(self, request_id: str) -> None:
@@ -105,6 +110,7 @@ class EngineClient:
         """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""
         self._core.shutdown(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._processor.grammars.shutdown()
 
     async def _run(self, function: Callable[..., _Result], *args: Any) -> _Result:
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)

@@ -14,6 +14,7 @@ from pagedserve.engine.platform import Platform
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
+from pagedserve.engine.structured_output import GrammarMatchers
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -105,6 +106,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
                                         *token_ids(self.generation_config.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
+        self.grammar_matchers = GrammarMatchers()
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
         self.load_seconds = time.perf_counter() - start
@@ -131,6 +133,9 @@ class LLMEngine:
                                  index=index, arrival_time=request.arrival_time))
             detokenizers.append(IncrementalDetokenizer(backend, prompt_token_ids, seq_params))
         seqs[0].pending_forks = seqs[1:]
+        if request.grammar is not None:
+            for seq in seqs:
+                self.grammar_matchers.add(seq.seq_id, request.grammar, request.grammar_starts_after)
         prompt_logprobs: list[PositionLogprobs | None] | None = [None] if params.prompt_logprobs is not None else None
         self._requests[request_id] = _Request(request_id, request.prompt, prompt_token_ids, params, seqs,
                                               detokenizers, RequestMetrics(request.arrival_time), prompt_logprobs,
@@ -176,6 +181,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.grammar_matchers.remove(scheduler_output.finished_seq_ids)
         if scheduler_output.is_empty:
             return []
         now = time.time()
@@ -189,7 +195,7 @@ class LLMEngine:
             if item.is_sampling:
                 seq = item.seq
                 rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
-                                               seq.eos_token_ids)
+                                               seq.eos_token_ids, self.grammar_matchers.matcher_for(seq))
         runner_output = self.runner.execute(scheduler_output, rows)
         appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
         return self._process_outputs(scheduler_output, runner_output, appended)
@@ -214,6 +220,7 @@ class LLMEngine:
             elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
                 metrics.token_gaps.append(now - metrics.last_token_time)
             metrics.last_token_time = now
+            self.grammar_matchers.accept(seq)
             token_logprobs = runner_output.logprobs.get(seq.seq_id)
             if token_logprobs is not None:
                 seq.cumulative_logprob += token_logprobs.logprob
@@ -221,6 +228,9 @@ class LLMEngine:
             stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
+            elif not seq.is_finished and self.grammar_matchers.is_terminated(seq):
+                # The grammar took its end token: the answer is complete, even under min_tokens or ignore_eos.
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         outputs = []
         for request in touched.values():
             output = self._make_output(request)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pagedserve.engine.structured_output import GrammarCompiler
 from pagedserve.loader.chat_template import render_chat_prompt
 from pagedserve.sampling_params import SamplingParams, SamplingParamsError
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults, sampling_defaults
@@ -29,6 +30,8 @@ class EngineRequest:
     params: SamplingParams
     max_tokens: int
     arrival_time: float = field(default_factory=time.time)
+    grammar: Any = None              # xgrammar.CompiledGrammar of params.structured_outputs, compiled
+    grammar_starts_after: tuple[int, ...] = ()   # tokens of structured_outputs.starts_after
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class ModelLimits:
     vocab_size: int
     max_model_len: int
     max_num_seqs: int
+    eos_token_ids: frozenset[int] = frozenset()
 
 
 class InputProcessor:
@@ -66,6 +70,7 @@ class InputProcessor:
         self.limits = limits
         self.model_defaults = model_defaults
         self.sampling_defaults = defaults
+        self.grammars = GrammarCompiler(tokenizer, limits.vocab_size, limits.eos_token_ids)
 
     @classmethod
     def for_engine(cls, engine: Any, model_defaults: ModelDefaults = ModelDefaults(), *,
@@ -78,7 +83,8 @@ class InputProcessor:
         if defaults:
             logger.info("%s: sampling defaults for fields a request leaves out: %s", engine.config.model,
                         dict(defaults.values))
-        limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs)
+        limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs,
+                             engine.eos_token_ids)
         return cls(engine.tokenizer, limits, model_defaults, defaults)
 
     # ---- text <-> tokens ------------------------------------------------------------------------
@@ -118,13 +124,29 @@ class InputProcessor:
             raise SamplingParamsError(param, f"token ids must be in [0, {vocab_size}); got {bad[0]}")
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                add_special_tokens: bool = True, arrival_time: float | None = None) -> EngineRequest:
+                add_special_tokens: bool = True, arrival_time: float | None = None,
+                wait_for_grammar: bool = True) -> EngineRequest:
         """Tokenize and check one request; raises ValueError (naming the field as `param` where there is
-        one) for anything the engine could not serve."""
+        one) for anything the engine could not serve.
+
+        A structured-output request waits here for its grammar, unless `wait_for_grammar` is off: then its
+        compile is only started and the caller awaits `grammars.compile_async` (the server does, so a
+        slow compile holds no worker thread)."""
         prompt_token_ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check(prompt_token_ids, params)
+        grammar = None
+        starts_after: tuple[int, ...] = ()
+        spec = params.structured_outputs
+        if spec is not None:
+            if wait_for_grammar:
+                grammar = self.grammars.compile(spec)
+            else:
+                self.grammars.submit(spec)
+            if spec.starts_after:
+                starts_after = tuple(self.tokenize(spec.starts_after, add_special_tokens=False))
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, prompt_token_ids, params,
-                             max_tokens, time.time() if arrival_time is None else arrival_time)
+                             max_tokens, time.time() if arrival_time is None else arrival_time, grammar,
+                             starts_after)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model; returns its resolved max_tokens."""
