@@ -131,7 +131,8 @@ def test_unknown_architecture_lists_the_supported_ones(tiny_llama_dir, tmp_path)
     (folder / "config.json").write_text(json.dumps(config | {"architectures": ["PhiForCausalLM"]}))
     with pytest.raises(ValueError, match=r"unsupported model architecture 'PhiForCausalLM'; supported: "
                                          r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
-                                         r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                         r"MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+                                         r"Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         LLM(str(folder), **ENGINE_ARGS)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.config.moe import MoEConfig, moe_config_from_hf
+
 
 def token_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
     """An id-or-ids setting (eos_token_id in config.json, generation_config.json, a tokenizer) as a tuple."""
@@ -43,6 +45,7 @@ class ModelConfig:
     local_rope_theta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    moe: MoEConfig | None = None          # routing of a mixture-of-experts model; None when dense
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -81,17 +84,19 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", model_type == "qwen2")),
+            attention_bias=bool(getattr(hf_config, "attention_bias", None) or getattr(hf_config, "qkv_bias", None)
+                                or model_type == "qwen2"),
             hidden_act=str(getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", "silu")),
             sliding_windows=_sliding_windows(hf_config, num_layers),
             bos_token_id=hf_config.bos_token_id,
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma3"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "gemma3"),
             query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
             local_rope_theta=local_rope_theta,
             attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+            moe=moe_config_from_hf(hf_config, num_layers),
         )
 
     @property

@@ -198,12 +198,14 @@ class LLMEngine:
                          appended: list[Sequence]) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
-        scheduled_seqs = {item.seq.seq_id: item.seq for item in scheduler_output.scheduled}
+        scheduled = {item.seq.seq_id: item for item in scheduler_output.scheduled}
         for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
-            seq = scheduled_seqs[seq_id]
-            request = self._requests[seq.request_id]
+            item = scheduled[seq_id]
+            request = self._requests[item.seq.request_id]
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
-            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
+            # NOTE: a preempted sequence recomputes its prompt; positions already reported are not repeated.
+            num_known = len(request.prompt_logprobs) - (item.start + 1)
+            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs[max(num_known, 0):])
         for seq in appended:
             request = self._requests[seq.request_id]
             touched[request.request_id] = request
