@@ -89,7 +89,7 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
         self.generation_config: dict[str, Any] = checkpoint.generation_defaults
-        is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
+        is_quantized = checkpoint.quantization is not None
         self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
                                   checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)

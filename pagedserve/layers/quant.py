@@ -64,3 +64,22 @@ class PackedWeight:
         """The weights of the given output rows (e.g. to undo a row permutation)."""
         offsets = None if self.offsets is None else self.offsets[index]
         return PackedWeight(self.codes[index], self.scales[index], offsets, self.group_size, self.bits)
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedWeight:
+    """4-bit integer weights w = scale * (code - zero), as AWQ and GPTQ define them, as a 4-bit PackedWeight.
+
+    codes: [out, in] values 0..15; scales, zeros: [out, in // group_size]. `group_size` must be a multiple
+    of 32: each group is split into 32-weight groups that repeat its scale and offset (-scale * zero),
+    which is exact, because the kernel's 4-bit layout has one scale and offset per 32 weights.
+    """
+    rows, cols = codes.shape
+    if group_size % 32 or cols % group_size:
+        raise ValueError(f"4-bit groups of {group_size} weights over {cols} inputs cannot be split into groups of 32")
+    repeat = group_size // 32
+    scales32 = scales.float().repeat_interleave(repeat, dim=1)               # [out, in // 32]
+    offsets32 = (-scales.float() * zeros.float()).repeat_interleave(repeat, dim=1)
+    grouped = codes.to(torch.uint8).view(rows, cols // 32, 2, 16)           # [out, groups, halves, 16]
+    packed = grouped[:, :, 0, :] | (grouped[:, :, 1, :] << 4)               # weight j low nibble, j + 16 high
+    return PackedWeight(packed.reshape(rows, cols // 2).contiguous(), scales32.contiguous(),
+                        offsets32.contiguous(), 32, bits=4)

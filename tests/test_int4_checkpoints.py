@@ -1,0 +1,143 @@
+"""AWQ and GPTQ int4 checkpoints, written here with the packing those formats define (random 4-bit codes,
+zeros and fp16 scales), load packed and give the tokens and logprobs of transformers running the float
+model with the same dequantized weights."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pagedserve import LLM
+from pagedserve.layers.linear import Linear
+from tests.conftest import save_tiny_checkpoint
+from tests.parity import check_parity
+
+ENGINE_ARGS = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=256, block_size=4, num_threads=1)
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]   # AutoAWQ's pack order: nibble i holds column _AWQ_ORDER[i]
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
+
+
+def _pack_int32(nibbles: np.ndarray) -> np.ndarray:
+    """[..., 8] values 0..15 -> [...] int32, value i at bits 4i."""
+    words = sum(nibbles[..., i].astype(np.uint64) << np.uint64(4 * i) for i in range(8))
+    return words.astype(np.uint32).view(np.int32)
+
+
+def awq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+    """AutoAWQ GEMM layout from codes [out, in], zeros and scales [out, groups]."""
+    def pack(columns: np.ndarray) -> np.ndarray:   # [rows, cols] -> [rows, cols / 8]
+        rows, cols = columns.shape
+        return _pack_int32(columns.reshape(rows, cols // 8, 8)[:, :, _AWQ_ORDER])
+    return {"qweight": pack(codes.T), "qzeros": pack(zeros.T), "scales": scales.T.astype(np.float16)}
+
+
+def gptq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int) -> dict[str, np.ndarray]:
+    """AutoGPTQ (v1 checkpoint format: zeros stored minus one) from codes [out, in], zeros/scales [out, groups]."""
+    out_features, in_features = codes.shape
+    qweight = _pack_int32(codes.T.reshape(in_features // 8, 8, out_features).transpose(0, 2, 1))
+    qzeros = _pack_int32((zeros.T - 1).reshape(zeros.shape[1], out_features // 8, 8))
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scales.T.astype(np.float16),
+            "g_idx": (np.arange(in_features) // group_size).astype(np.int32)}
+
+
+def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_size: int, seed: int = 0):
+    """A copy of `float_folder` with every decoder projection replaced by random int4 weights in `method`'s
+    layout; returns the transformers model holding the dequantized weights."""
+    from safetensors.numpy import save_file
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(float_folder, folder)
+    (folder / "model.safetensors").unlink()
+    model = AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32, attn_implementation="eager").eval()
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, param in model.named_parameters():
+        module = name.removesuffix(".weight")
+        if not module.endswith(_PROJECTIONS):
+            tensors[name] = param.detach().numpy()
+            continue
+        out_features, in_features = param.shape
+        groups = in_features // group_size
+        codes = rng.integers(0, 16, size=(out_features, in_features))
+        # GPTQ here is symmetric (every zero 8, as sym=true exports write); AWQ has a zero per group
+        zeros = np.full((out_features, groups), 8) if method == "gptq" else rng.integers(0, 16, (out_features, groups))
+        scales = rng.uniform(0.005, 0.04, size=(out_features, groups)).astype(np.float16)
+        packed = (awq_tensors(codes, zeros, scales) if method == "awq"
+                  else gptq_tensors(codes, zeros, scales, group_size))
+        # NOTE: safetensors writes an array's memory as it lies: transposed views must be made C-ordered.
+        tensors |= {f"{module}.{part}": np.ascontiguousarray(value) for part, value in packed.items()}
+        weight = scales.astype(np.float32).repeat(group_size, axis=1) * (codes - zeros.repeat(group_size, axis=1))
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(weight.astype(np.float32)))
+    save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+        if method == "awq" else
+        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
+         "checkpoint_format": "gptq"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("float-llama"), config, seed=5, perturb_vectors=True)
+
+
+@pytest.mark.parametrize("method, group_size", [("awq", 128), ("gptq", 64), ("gptq", 128)])
+def test_int4_checkpoint_matches_dequantized_model(method, group_size, float_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / method
+    hf_model = write_int4_checkpoint(float_folder, folder, method, group_size)
+    llm = LLM(str(folder), quantization=method, **ENGINE_ARGS)
+    runner = llm.engine.runner
+    projections = [m for name, m in runner.model.named_modules() if isinstance(m, Linear) and ".layers." in name]
+    assert runner.use_cpu_kernels, "the packed path needs the CPU kernels"
+    assert projections and all(p.packed is not None and p.weight is None and p.packed.bits == 4 for p in projections)
+    # Memory held: half a byte per weight plus a float32 scale and offset per 32 weights, nothing at float size.
+    packed_bytes = sum(p.out_features * p.in_features * (1 / 2 + 8 / 32) for p in projections)
+    float_bytes = sum(param.numel() * 4 for param in runner.model.parameters())
+    assert runner.num_parameter_bytes == packed_bytes + float_bytes
+    check_parity(llm, hf_model, AutoTokenizer.from_pretrained(folder), atol=1e-3)
+
+
+def test_quantization_flag_must_match_the_checkpoint(float_folder, tmp_path):
+    folder = tmp_path / "awq"
+    write_int4_checkpoint(float_folder, folder, "awq", 128)
+    with pytest.raises(ValueError, match=r"--quantization gptq does not match the checkpoint .*: its "
+                                         r"quantization_config says 'awq'"):
+        LLM(str(folder), quantization="gptq", **ENGINE_ARGS)
+    with pytest.raises(ValueError, match=r"--quantization awq does not match the checkpoint .*: it has no "
+                                         r"quantization_config"):
+        LLM(str(float_folder), quantization="awq", **ENGINE_ARGS)
+    # vLLM's name for its faster AWQ kernel loads the same checkpoint
+    llm = LLM(str(folder), quantization="awq_marlin", **ENGINE_ARGS)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.packed is not None
+
+
+def test_quantization_flag_on_a_gguf_is_refused(smollm2_path):
+    with pytest.raises(ValueError, match=r"--quantization gptq does not match .*\.gguf: a GGUF carries its own "
+                                         r"quantization"):
+        LLM(str(smollm2_path), quantization="gptq", **ENGINE_ARGS)
+
+
+def test_act_order_gptq_is_refused_clearly(float_folder, tmp_path):
+    folder = tmp_path / "gptq"
+    write_int4_checkpoint(float_folder, folder, "gptq", 128)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPTQ with desc_act .act-order. is not supported"):
+        LLM(str(folder), **ENGINE_ARGS)
