@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.config.mla import MLAConfig, mla_config_from_hf
 from pagedserve.config.moe import MoEConfig, moe_config_from_hf
 
 
@@ -46,6 +47,7 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     moe: MoEConfig | None = None          # routing of a mixture-of-experts model; None when dense
+    mla: MLAConfig | None = None          # multi-head latent attention (DeepSeek); None for K/V per head
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -97,11 +99,14 @@ class ModelConfig:
             attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
             moe=moe_config_from_hf(hf_config, num_layers),
+            mla=mla_config_from_hf(hf_config, rope_scaling),
         )
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies across all layers, per byte of element size."""
+        if self.mla is not None:   # one latent + shared rotary key per token and layer, not K/V per head
+            return self.num_hidden_layers * self.mla.cache_width
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
