@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from pagedserve.layers.quant import PackedWeight
+from pagedserve.loader import gguf_deepseek
 from pagedserve.loader.gguf_blocks import can_pack, pack_blocks
 
 
@@ -134,6 +135,7 @@ _HF_ARCHITECTURES = {
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "deepseek2": ("deepseek_v3", "DeepseekV3ForCausalLM"),   # or V2: see _hf_architecture
 }
 # llama.cpp writes Mixtral as `llama` with experts (llama.expert_count).
 _MIXTRAL = ("mixtral", "MixtralForCausalLM")
@@ -155,7 +157,9 @@ def gguf_hf_config(ckpt: GGUFCheckpoint) -> Any:
     elif ckpt.architecture == "mistral":
         # MistralConfig defaults to a 4096 window; only a window the file states applies.
         kwargs["sliding_window"] = _metadata(ckpt, "attention.sliding_window", None)
-    if _metadata(ckpt, "expert_count", 0):
+    if ckpt.architecture == "deepseek2":
+        kwargs |= gguf_deepseek.deepseek_config(ckpt.metadata, ckpt.tensor_names, kwargs)
+    elif _metadata(ckpt, "expert_count", 0):
         kwargs |= _moe_config(ckpt, model_type)
     try:
         return AutoConfig.for_model(model_type, **kwargs)
@@ -166,6 +170,10 @@ def gguf_hf_config(ckpt: GGUFCheckpoint) -> Any:
 def _hf_architecture(ckpt: GGUFCheckpoint) -> tuple[str, str]:
     if ckpt.architecture == "llama" and _metadata(ckpt, "expert_count", 0):
         return _MIXTRAL
+    if ckpt.architecture == "deepseek2":
+        if gguf_deepseek.is_v3(ckpt.metadata, ckpt.tensor_names):
+            return "deepseek_v3", "DeepseekV3ForCausalLM"
+        return "deepseek_v2", "DeepseekV2ForCausalLM"
     if ckpt.architecture not in _HF_ARCHITECTURES:
         raise ValueError(f"{ckpt.files[0]}: GGUF architecture {ckpt.architecture!r} is not supported "
                          f"(supported: {', '.join(sorted(_HF_ARCHITECTURES))})")
@@ -376,12 +384,24 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
     model_type, _ = _hf_architecture(ckpt)
     architecture = ckpt.architecture
     layer_tensors = {"gemma3_text": _GEMMA3_LAYER_TENSORS, "mixtral": _MIXTRAL_LAYER_TENSORS,
-                     "qwen2_moe": _MOE_LAYER_TENSORS, "qwen3_moe": _MOE_LAYER_TENSORS}.get(model_type, _LAYER_TENSORS)
+                     "qwen2_moe": _MOE_LAYER_TENSORS, "qwen3_moe": _MOE_LAYER_TENSORS,
+                     "deepseek_v2": gguf_deepseek.LAYER_TENSORS,
+                     "deepseek_v3": gguf_deepseek.LAYER_TENSORS}.get(model_type, _LAYER_TENSORS)
+    split_kv_b: dict[str, dict[str, np.ndarray]] = {}   # layer -> the halves of a split attn_kv_b seen so far
     for info in ckpt.tensors:
         if info.name in _CONFIG_ONLY_TENSORS:
             continue
         if _is_stacked_experts(info):
             yield from _expert_weights(info, model_type, packed)
+            continue
+        if (match := _LAYER_TENSOR_NAME.fullmatch(info.name)) and match["leaf"] in gguf_deepseek.SPLIT_KV_B:
+            if f"blk.{match['layer']}.attn_kv_b.weight" in ckpt.tensor_names:
+                continue   # the file keeps kv_b whole too
+            halves = split_kv_b.setdefault(match["layer"], {})
+            halves[match["leaf"]] = _dequantized(info)
+            if len(halves) == 2:
+                kv_b = gguf_deepseek.join_kv_b(halves["attn_k_b"], halves["attn_v_b"])
+                yield f"model.layers.{match['layer']}.self_attn.kv_b_proj.weight", torch.from_numpy(kv_b)
             continue
         leaf, hf_name = _hf_tensor_name(info.name, layer_tensors)
         if hf_name is None:
@@ -428,6 +448,8 @@ def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> tuple[str,
     if base in _GLOBAL_TENSORS and kind in ("weight", "bias"):
         return base, f"{_GLOBAL_TENSORS[base]}.{kind}"
     match = _LAYER_TENSOR_NAME.fullmatch(gguf_name)
+    if match is not None and match["leaf"] in gguf_deepseek.BIAS_TENSORS and layer_tensors is gguf_deepseek.LAYER_TENSORS:
+        return match["leaf"], f"model.layers.{match['layer']}.{gguf_deepseek.BIAS_TENSORS[match['leaf']]}"
     if match is None or match["leaf"] not in layer_tensors:
         return base, None
     return match["leaf"], f"model.layers.{match['layer']}.{layer_tensors[match['leaf']]}.{match['kind']}"
