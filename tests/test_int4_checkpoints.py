@@ -47,22 +47,25 @@ def gptq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group
 
 
 def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_size: int, seed: int = 0):
-    """A copy of `float_folder` with every decoder projection replaced by random int4 weights in `method`'s
-    layout; returns the transformers model holding the dequantized weights."""
-    from safetensors.numpy import save_file
+    """A copy of `float_folder` with every decoder projection (routed experts' included) replaced by random
+    int4 weights in `method`'s layout; returns the transformers model holding the dequantized weights
+    (saved as a float folder beside it and loaded back, so transformers fuses its experts itself)."""
+    from safetensors.numpy import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     shutil.copytree(float_folder, folder)
+    dequantized_folder = folder.with_name(folder.name + "-dequantized")
+    shutil.copytree(float_folder, dequantized_folder)
     (folder / "model.safetensors").unlink()
-    model = AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32, attn_implementation="eager").eval()
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, param in model.named_parameters():
+    tensors, dequantized = {}, {}
+    for name, value in sorted(load_file(float_folder / "model.safetensors").items()):
         module = name.removesuffix(".weight")
-        if not module.endswith(_PROJECTIONS):
-            tensors[name] = param.detach().numpy()
+        dequantized[name] = value
+        if not (name.endswith(".weight") and module.endswith(_PROJECTIONS)):
+            tensors[name] = value
             continue
-        out_features, in_features = param.shape
+        out_features, in_features = value.shape
         groups = in_features // group_size
         codes = rng.integers(0, 16, size=(out_features, in_features))
         # GPTQ here is symmetric (every zero 8, as sym=true exports write); AWQ has a zero per group
@@ -73,9 +76,9 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
         # NOTE: safetensors writes an array's memory as it lies: transposed views must be made C-ordered.
         tensors |= {f"{module}.{part}": np.ascontiguousarray(value) for part, value in packed.items()}
         weight = scales.astype(np.float32).repeat(group_size, axis=1) * (codes - zeros.repeat(group_size, axis=1))
-        with torch.no_grad():
-            param.copy_(torch.from_numpy(weight.astype(np.float32)))
+        dequantized[name] = weight.astype(np.float32)
     save_file(tensors, folder / "model.safetensors")
+    save_file(dequantized, dequantized_folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = (
         {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
@@ -83,7 +86,8 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
         {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
          "checkpoint_format": "gptq"})
     (folder / "config.json").write_text(json.dumps(config))
-    return model
+    return AutoModelForCausalLM.from_pretrained(dequantized_folder, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +99,30 @@ def float_folder(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("float-llama"), config, seed=5, perturb_vectors=True)
 
 
-@pytest.mark.parametrize("method, group_size", [("awq", 128), ("gptq", 64), ("gptq", 128)])
-def test_int4_checkpoint_matches_dequantized_model(method, group_size, float_folder, tmp_path):
+@pytest.fixture(scope="module")
+def float_moe_folder(tmp_path_factory):
+    """Qwen3-MoE, whose AWQ/GPTQ exports quantize every expert (and leave the router float)."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
+                            num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("float-qwen3-moe"), config, seed=6, perturb_vectors=True)
+
+
+@pytest.mark.parametrize("method, group_size, family", [("awq", 128, "llama"), ("gptq", 64, "llama"),
+                                                        ("gptq", 128, "llama"), ("awq", 128, "qwen3_moe")])
+def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, float_folder, float_moe_folder,
+                                                   tmp_path):
     from transformers import AutoTokenizer
 
     folder = tmp_path / method
-    hf_model = write_int4_checkpoint(float_folder, folder, method, group_size)
+    source = float_folder if family == "llama" else float_moe_folder
+    hf_model = write_int4_checkpoint(source, folder, method, group_size)
     llm = LLM(str(folder), quantization=method, **ENGINE_ARGS)
     runner = llm.engine.runner
-    projections = [m for name, m in runner.model.named_modules() if isinstance(m, Linear) and ".layers." in name]
+    projections = [m for name, m in runner.model.named_modules()
+                   if isinstance(m, Linear) and ".layers." in name and not name.endswith("mlp.gate")]
     assert runner.use_cpu_kernels, "the packed path needs the CPU kernels"
     assert projections and all(p.packed is not None and p.weight is None and p.packed.bits == 4 for p in projections)
     # Memory held: half a byte per weight plus a float32 scale and offset per 32 weights, nothing at float size.
