@@ -13,6 +13,8 @@ import torch
 
 from pagedserve import LLM
 from pagedserve.layers.linear import Linear
+from pagedserve.loader.model_info import describe
+from pagedserve.loader.source import resolve_model
 from tests.conftest import save_tiny_checkpoint
 from tests.parity import check_parity
 
@@ -130,6 +132,10 @@ def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, f
     float_bytes = sum(param.numel() * 4 for param in runner.model.parameters())
     assert runner.num_parameter_bytes == packed_bytes + float_bytes
     check_parity(llm, hf_model, AutoTokenizer.from_pretrained(folder), atol=1e-3)
+    # `pagedserve show` / Ollama's /api/show: the method as the quantization, weights counted unpacked
+    details = describe(resolve_model(str(folder)))
+    assert details.quantization == method.upper()
+    assert details.parameter_count == sum(p.numel() for p in hf_model.parameters())
 
 
 def test_quantization_flag_must_match_the_checkpoint(float_folder, tmp_path):

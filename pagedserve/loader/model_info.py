@@ -108,10 +108,15 @@ def _describe_hf(folder: Path) -> ModelDetails:
     files = safetensors_files(folder)
     num_params, dtypes = 0, Counter[str]()
     for file in files:
-        for tensor in _safetensors_header(file).values():
+        for name, tensor in _safetensors_header(file).items():
             count = math.prod(tensor["shape"])
+            if name.endswith((".qzeros", ".scales", ".g_idx")):   # AWQ/GPTQ bookkeeping, not weights
+                continue
+            if name.endswith(".qweight"):                          # eight 4-bit weights per int32
+                count *= 8
             num_params += count
             dtypes[tensor["dtype"]] += count
+    quant_method = str((config.get("quantization_config") or {}).get("quant_method") or "")
     family = str(text_config.get("model_type") or config.get("model_type") or "unknown")
     info = {"general.architecture": family, "general.parameter_count": num_params,
             f"{family}.context_length": text_config.get("max_position_embeddings"),
@@ -121,7 +126,7 @@ def _describe_hf(folder: Path) -> ModelDetails:
             f"{family}.attention.head_count_kv": text_config.get("num_key_value_heads")}
     return ModelDetails(
         format="safetensors", family=family, parameter_count=num_params,
-        quantization=dtypes.most_common(1)[0][0] if dtypes else "unknown",
+        quantization=quant_method.upper() or (dtypes.most_common(1)[0][0] if dtypes else "unknown"),
         context_length=int(text_config.get("max_position_embeddings") or 0),
         embedding_length=int(text_config.get("hidden_size") or 0),
         size_bytes=sum(path.stat().st_size for path in files), modified=max(path.stat().st_mtime for path in files),
