@@ -39,16 +39,32 @@ def awq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dic
     return {"qweight": pack(codes.T), "qzeros": pack(zeros.T), "scales": scales.T.astype(np.float16)}
 
 
-def gptq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, group_size: int) -> dict[str, np.ndarray]:
-    """AutoGPTQ (v1 checkpoint format: zeros stored minus one) from codes [out, in], zeros/scales [out, groups]."""
+def gptq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """AutoGPTQ (v1 checkpoint format: zeros stored minus one) from codes [out, in], zeros/scales [out, groups]
+    and each input's group."""
     out_features, in_features = codes.shape
     qweight = _pack_int32(codes.T.reshape(in_features // 8, 8, out_features).transpose(0, 2, 1))
     qzeros = _pack_int32((zeros.T - 1).reshape(zeros.shape[1], out_features // 8, 8))
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales.T.astype(np.float16),
-            "g_idx": (np.arange(in_features) // group_size).astype(np.int32)}
+            "g_idx": g_idx.astype(np.int32)}
 
 
-def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_size: int, seed: int = 0):
+def _group_of_inputs(module: str, in_features: int, group_size: int, act_order: bool,
+                     orders: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """g_idx: in order, or (act-order) groups of inputs in a random order shared by the projections that
+    read the same input (q/k/v, gate/up), as GPTQ's order comes from that input's statistics."""
+    if not act_order:
+        return np.arange(in_features) // group_size
+    reader = module.rsplit(".", 1)[0] + (".attn_in" if module.endswith(("q_proj", "k_proj", "v_proj"))
+                                         else ".mlp_in" if module.endswith(("gate_proj", "up_proj")) else module)
+    order = orders.setdefault(reader, rng.permutation(in_features))
+    g_idx = np.empty(in_features, dtype=np.int64)
+    g_idx[order] = np.arange(in_features) // group_size
+    return g_idx
+
+
+def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_size: int, seed: int = 0,
+                          act_order: bool = False):
     """A copy of `float_folder` with every decoder projection (routed experts' included) replaced by random
     int4 weights in `method`'s layout; returns the transformers model holding the dequantized weights
     (saved as a float folder beside it and loaded back, so transformers fuses its experts itself)."""
@@ -61,6 +77,7 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
     (folder / "model.safetensors").unlink()
     rng = np.random.default_rng(seed)
     tensors, dequantized = {}, {}
+    orders: dict[str, np.ndarray] = {}
     for name, value in sorted(load_file(float_folder / "model.safetensors").items()):
         module = name.removesuffix(".weight")
         dequantized[name] = value
@@ -73,11 +90,11 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
         # GPTQ here is symmetric (every zero 8, as sym=true exports write); AWQ has a zero per group
         zeros = np.full((out_features, groups), 8) if method == "gptq" else rng.integers(0, 16, (out_features, groups))
         scales = rng.uniform(0.005, 0.04, size=(out_features, groups)).astype(np.float16)
-        packed = (awq_tensors(codes, zeros, scales) if method == "awq"
-                  else gptq_tensors(codes, zeros, scales, group_size))
+        g_idx = _group_of_inputs(module, in_features, group_size, act_order, orders, rng)
+        packed = awq_tensors(codes, zeros, scales) if method == "awq" else gptq_tensors(codes, zeros, scales, g_idx)
         # NOTE: safetensors writes an array's memory as it lies: transposed views must be made C-ordered.
         tensors |= {f"{module}.{part}": np.ascontiguousarray(value) for part, value in packed.items()}
-        weight = scales.astype(np.float32).repeat(group_size, axis=1) * (codes - zeros.repeat(group_size, axis=1))
+        weight = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx])
         dequantized[name] = weight.astype(np.float32)
     save_file(tensors, folder / "model.safetensors")
     save_file(dequantized, dequantized_folder / "model.safetensors")
@@ -85,7 +102,7 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
     config["quantization_config"] = (
         {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
         if method == "awq" else
-        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
+        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": True,
          "checkpoint_format": "gptq"})
     (folder / "config.json").write_text(json.dumps(config))
     return AutoModelForCausalLM.from_pretrained(dequantized_folder, dtype=torch.float32,
@@ -112,21 +129,25 @@ def float_moe_folder(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("float-qwen3-moe"), config, seed=6, perturb_vectors=True)
 
 
-@pytest.mark.parametrize("method, group_size, family", [("awq", 128, "llama"), ("gptq", 64, "llama"),
-                                                        ("gptq", 128, "llama"), ("awq", 128, "qwen3_moe")])
-def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, float_folder, float_moe_folder,
-                                                   tmp_path):
+@pytest.mark.parametrize("method, group_size, family, act_order", [
+    ("awq", 128, "llama", False), ("gptq", 64, "llama", False), ("gptq", 128, "llama", False),
+    ("gptq", 64, "llama", True), ("awq", 128, "qwen3_moe", False), ("gptq", 64, "qwen3_moe", True)])
+def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, act_order, float_folder,
+                                                   float_moe_folder, tmp_path):
     from transformers import AutoTokenizer
 
     folder = tmp_path / method
     source = float_folder if family == "llama" else float_moe_folder
-    hf_model = write_int4_checkpoint(source, folder, method, group_size)
+    hf_model = write_int4_checkpoint(source, folder, method, group_size, act_order=act_order)
     llm = LLM(str(folder), quantization=method, **ENGINE_ARGS)
     runner = llm.engine.runner
     projections = [m for name, m in runner.model.named_modules()
                    if isinstance(m, Linear) and ".layers." in name and not name.endswith("mlp.gate")]
     assert runner.use_cpu_kernels, "the packed path needs the CPU kernels"
     assert projections and all(p.packed is not None and p.weight is None and p.packed.bits == 4 for p in projections)
+    # act-order stays packed, its inputs gathered per call (so not through the fused C++ decode layer);
+    # a matrix that is one group needs no order
+    assert all((p.packed.input_order is not None) == (act_order and p.in_features > group_size) for p in projections)
     # Memory held: half a byte per weight plus a float32 scale and offset per 32 weights, nothing at float size.
     packed_bytes = sum(p.out_features * p.in_features * (1 / 2 + 8 / 32) for p in projections)
     float_bytes = sum(param.numel() * 4 for param in runner.model.parameters())
@@ -156,13 +177,3 @@ def test_quantization_flag_on_a_gguf_is_refused(smollm2_path):
     with pytest.raises(ValueError, match=r"--quantization gptq does not match .*\.gguf: a GGUF carries its own "
                                          r"quantization"):
         LLM(str(smollm2_path), quantization="gptq", **ENGINE_ARGS)
-
-
-def test_act_order_gptq_is_refused_clearly(float_folder, tmp_path):
-    folder = tmp_path / "gptq"
-    write_int4_checkpoint(float_folder, folder, "gptq", 128)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["desc_act"] = True
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="GPTQ with desc_act .act-order. is not supported"):
-        LLM(str(folder), **ENGINE_ARGS)

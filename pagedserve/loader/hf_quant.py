@@ -7,7 +7,8 @@ Layouts, as AutoAWQ / AutoGPTQ write them and vLLM reads them (w[out, in] = scal
   [in / group, out / 8] packed the same way; scales fp16 [in / group, out].
 - GPTQ: qweight int32 [in / 8, out], eight codes of consecutive inputs per int32, input 8i + k at
   nibble k; qzeros int32 [in / group, out / 8] along outputs, nibble k = output 8j + k; scales fp16
-  [in / group, out]; g_idx [in] the group of each input. The "gptq" checkpoint format (v1, what
+  [in / group, out]; g_idx [in] the group of each input (out of order with desc_act: act-order, kept
+  packed with the columns sorted by group, see PackedWeight.input_order). The "gptq" checkpoint format (v1, what
   AutoGPTQ, optimum and GPTQModel export by default) stores each zero minus one; "gptq_v2" stores it.
 Groups of 32, 64, 128 (the usual) or a whole row are split into 32-weight groups: layers/quant.py.
 """
@@ -62,10 +63,6 @@ def int4_quantization(hf_config: Any, requested: str | None, folder: Path) -> In
             raise ValueError(f"{folder}: AWQ version {version!r} is not supported (gemm)")
         if not config.get("zero_point", True):
             raise ValueError(f"{folder}: AWQ without zero points is not supported")
-    elif config.get("desc_act"):
-        # NOTE: act-order GPTQ groups inputs out of order (g_idx); each group's inputs would have to be
-        # gathered from the activations at every call. Refused rather than run slowly or wrongly.
-        raise ValueError(f"{folder}: GPTQ with desc_act (act-order) is not supported; use a desc_act=false export")
     checkpoint_format = str(config.get("checkpoint_format", "gptq")).lower()
     return Int4Quantization(method, None if group_size in (-1, None) else int(group_size),
                             zeros_minus_one=method == "gptq" and checkpoint_format != "gptq_v2")
@@ -115,10 +112,17 @@ def _repack(module: str, parts: dict[str, torch.Tensor], quantization: Int4Quant
     group_size = quantization.group_size or in_features
     if scales.shape[1] * group_size != in_features:
         raise ValueError(f"{module}: {scales.shape[1]} groups of {group_size} do not cover {in_features} inputs")
+    input_order = None
     if "g_idx" in parts and not torch.equal(parts["g_idx"].long(), torch.arange(in_features) // group_size):
-        raise ValueError(f"{module}: g_idx orders the inputs out of their groups (act-order), which is not supported")
+        # act-order (desc_act): sort the inputs by group so each group's columns are contiguous again
+        group_of_input = parts["g_idx"].long()
+        if group_of_input.shape != (in_features,) or not torch.equal(
+                torch.bincount(group_of_input, minlength=scales.shape[1]), torch.full((scales.shape[1],), group_size)):
+            raise ValueError(f"{module}: g_idx does not put {group_size} inputs in each of {scales.shape[1]} groups")
+        input_order = torch.argsort(group_of_input, stable=True)
+        codes = codes.index_select(1, input_order)
     try:
-        return pack_int4(codes, scales, zeros.float(), group_size)
+        return pack_int4(codes, scales, zeros.float(), group_size, input_order)
     except ValueError as error:
         raise ValueError(f"{module}: {error}") from None
 
