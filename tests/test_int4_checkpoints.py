@@ -49,6 +49,25 @@ def gptq_tensors(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, g_idx
             "g_idx": g_idx.astype(np.int32)}
 
 
+def compressed_tensors_tensors(codes: np.ndarray, zeros: np.ndarray | None, scales: np.ndarray, bits: int
+                               ) -> dict[str, np.ndarray]:
+    """compressed_tensors' pack-quantized layout: unsigned codes, 32 / bits consecutive inputs per int32,
+    zero points (asymmetric only) packed the same way along the outputs."""
+    per_int = 32 // bits
+
+    def pack(values: np.ndarray) -> np.ndarray:   # [rows, cols] -> [rows, cols / per_int]
+        rows, cols = values.shape
+        grouped = values.reshape(rows, cols // per_int, per_int).astype(np.uint64)
+        words = sum(grouped[..., k] << np.uint64(bits * k) for k in range(per_int))
+        return words.astype(np.uint32).view(np.int32)
+
+    tensors = {"weight_packed": pack(codes), "weight_scale": scales.astype(np.float16),
+               "weight_shape": np.array(codes.shape, dtype=np.int32)}
+    if zeros is not None:
+        tensors["weight_zero_point"] = pack(zeros.T).T
+    return tensors
+
+
 def _group_of_inputs(module: str, in_features: int, group_size: int, act_order: bool,
                      orders: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """g_idx: in order, or (act-order) groups of inputs in a random order shared by the projections that
@@ -64,7 +83,7 @@ def _group_of_inputs(module: str, in_features: int, group_size: int, act_order: 
 
 
 def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_size: int, seed: int = 0,
-                          act_order: bool = False):
+                          act_order: bool = False, bits: int = 4, symmetric: bool = True):
     """A copy of `float_folder` with every decoder projection (routed experts' included) replaced by random
     int4 weights in `method`'s layout; returns the transformers model holding the dequantized weights
     (saved as a float folder beside it and loaded back, so transformers fuses its experts itself)."""
@@ -86,12 +105,17 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
             continue
         out_features, in_features = value.shape
         groups = in_features // group_size
-        codes = rng.integers(0, 16, size=(out_features, in_features))
-        # GPTQ here is symmetric (every zero 8, as sym=true exports write); AWQ has a zero per group
-        zeros = np.full((out_features, groups), 8) if method == "gptq" else rng.integers(0, 16, (out_features, groups))
-        scales = rng.uniform(0.005, 0.04, size=(out_features, groups)).astype(np.float16)
+        levels = 1 << bits
+        codes = rng.integers(0, levels, size=(out_features, in_features))
+        # symmetric schemes put every zero mid-range (GPTQ sym=true exports, compressed-tensors' default)
+        zeros = (np.full((out_features, groups), levels // 2) if symmetric and method != "awq"
+                 else rng.integers(0, levels, (out_features, groups)))
+        scales = rng.uniform(0.005, 0.04, size=(out_features, groups)).astype(np.float16) * (16 / levels)
         g_idx = _group_of_inputs(module, in_features, group_size, act_order, orders, rng)
-        packed = awq_tensors(codes, zeros, scales) if method == "awq" else gptq_tensors(codes, zeros, scales, g_idx)
+        if method == "compressed-tensors":
+            packed = compressed_tensors_tensors(codes, None if symmetric else zeros, scales, bits)
+        else:
+            packed = awq_tensors(codes, zeros, scales) if method == "awq" else gptq_tensors(codes, zeros, scales, g_idx)
         # NOTE: safetensors writes an array's memory as it lies: transposed views must be made C-ordered.
         tensors |= {f"{module}.{part}": np.ascontiguousarray(value) for part, value in packed.items()}
         weight = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx])
@@ -99,7 +123,13 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
     save_file(tensors, folder / "model.safetensors")
     save_file(dequantized, dequantized_folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
+               "strategy": "channel" if group_size == _in_features_of(float_folder) else "group",
+               "group_size": group_size, "actorder": None}
     config["quantization_config"] = (
+        {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}}}
+        if method == "compressed-tensors" else
         {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
         if method == "awq" else
         {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": True,
@@ -107,6 +137,10 @@ def write_int4_checkpoint(float_folder: Path, folder: Path, method: str, group_s
     (folder / "config.json").write_text(json.dumps(config))
     return AutoModelForCausalLM.from_pretrained(dequantized_folder, dtype=torch.float32,
                                                 attn_implementation="eager").eval()
+
+
+def _in_features_of(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["hidden_size"]
 
 
 @pytest.fixture(scope="module")
@@ -131,25 +165,31 @@ def float_moe_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("method, group_size, family, act_order", [
     ("awq", 128, "llama", False), ("gptq", 64, "llama", False), ("gptq", 128, "llama", False),
-    ("gptq", 64, "llama", True), ("awq", 128, "qwen3_moe", False), ("gptq", 64, "qwen3_moe", True)])
+    ("gptq", 64, "llama", True), ("awq", 128, "qwen3_moe", False), ("gptq", 64, "qwen3_moe", True),
+    ("compressed-tensors", 128, "llama", False), ("compressed-tensors-asym", 64, "llama", False),
+    ("compressed-tensors-w8", 128, "llama", False)])
 def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, act_order, float_folder,
                                                    float_moe_folder, tmp_path):
     from transformers import AutoTokenizer
 
     folder = tmp_path / method
     source = float_folder if family == "llama" else float_moe_folder
-    hf_model = write_int4_checkpoint(source, folder, method, group_size, act_order=act_order)
+    variant = dict(bits=8 if method.endswith("w8") else 4, symmetric=not method.endswith("asym"))
+    method = method.removesuffix("-asym").removesuffix("-w8")
+    hf_model = write_int4_checkpoint(source, folder, method, group_size, act_order=act_order, **variant)
     llm = LLM(str(folder), quantization=method, **ENGINE_ARGS)
     runner = llm.engine.runner
     projections = [m for name, m in runner.model.named_modules()
                    if isinstance(m, Linear) and ".layers." in name and not name.endswith("mlp.gate")]
     assert runner.use_cpu_kernels, "the packed path needs the CPU kernels"
-    assert projections and all(p.packed is not None and p.weight is None and p.packed.bits == 4 for p in projections)
+    bits = variant["bits"]
+    assert projections and all(p.packed is not None and p.weight is None and p.packed.bits == bits for p in projections)
     # act-order stays packed, its inputs gathered per call (so not through the fused C++ decode layer);
     # a matrix that is one group needs no order
     assert all((p.packed.input_order is not None) == (act_order and p.in_features > group_size) for p in projections)
-    # Memory held: half a byte per weight plus a float32 scale and offset per 32 weights, nothing at float size.
-    packed_bytes = sum(p.out_features * p.in_features * (1 / 2 + 8 / 32) for p in projections)
+    # Memory held: half a byte (W8: one) per weight plus a float32 scale (and offset) per 32 weights
+    offset_bytes = 0 if bits == 8 and variant["symmetric"] else 4
+    packed_bytes = sum(p.out_features * p.in_features * (bits / 8 + (4 + offset_bytes) / 32) for p in projections)
     float_bytes = sum(param.numel() * 4 for param in runner.model.parameters())
     assert runner.num_parameter_bytes == packed_bytes + float_bytes
     check_parity(llm, hf_model, AutoTokenizer.from_pretrained(folder), atol=1e-3)

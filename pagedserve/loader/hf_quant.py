@@ -1,5 +1,5 @@
-"""AWQ and GPTQ int4 checkpoints (safetensors): the quantization_config, and each quantized matrix
-repacked into our 4-bit PackedWeight without rounding.
+"""AWQ and GPTQ int4 checkpoints (safetensors) and compressed-tensors W4A16/W8A16 (loader/compressed_tensors.py):
+the quantization_config, and each quantized matrix repacked into our PackedWeight without rounding.
 
 Layouts, as AutoAWQ / AutoGPTQ write them and vLLM reads them (w[out, in] = scale * (q - zero)):
 - AWQ (GEMM): qweight int32 [in, out / 8], eight 4-bit codes of consecutive outputs per int32 in the
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from pagedserve.layers.quant import PackedWeight, pack_int4
+from pagedserve.loader import compressed_tensors
 from pagedserve.loader.safetensors import iter_safetensors_weights
 
-QUANTIZATION_METHODS = ("awq", "gptq")
+QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors")
 # vLLM's names for its faster kernels of the same checkpoints; here they load the same packed weights.
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -33,9 +34,11 @@ _AWQ_NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)   # logical output k of a packed int32
 
 @dataclass(frozen=True)
 class Int4Quantization:
-    method: str                # awq | gptq
+    method: str                # awq | gptq | compressed-tensors
     group_size: int | None     # None: one group per row (GPTQ/AWQ group_size -1)
     zeros_minus_one: bool      # GPTQ v1 stores zero - 1
+    # compressed-tensors: bits, symmetry and act-order (4 or 8 bits; AWQ and GPTQ are 4-bit)
+    scheme: compressed_tensors.IntWeightScheme | None = None
 
 
 def int4_quantization(hf_config: Any, requested: str | None, folder: Path) -> Int4Quantization | None:
@@ -53,6 +56,8 @@ def int4_quantization(hf_config: Any, requested: str | None, folder: Path) -> In
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"{folder}: quantization method {method!r} is not supported "
                          f"(supported: {', '.join(QUANTIZATION_METHODS)})")
+    if method == "compressed-tensors":
+        return Int4Quantization(method, None, False, compressed_tensors.scheme(config, folder))
     bits = config.get("bits", config.get("w_bit"))
     if bits != 4:
         raise ValueError(f"{folder}: {method} with {bits}-bit weights is not supported (4-bit only)")
@@ -73,14 +78,18 @@ def iter_int4_weights(folder: Path, quantization: Int4Quantization, packed: bool
     """Every tensor of the checkpoint; each quantized module's parts become one `<module>.weight`, a
     PackedWeight (or, without `packed`, its float32 dequantization)."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    scheme = quantization.scheme
+    part_names = _PARTS if scheme is None else compressed_tensors.PARTS
+    num_parts = (3 if quantization.method == "awq" else 4 if scheme is None
+                 else len(compressed_tensors.expected_parts(scheme)))
     for name, tensor in iter_safetensors_weights(folder):
         module, _, part = name.rpartition(".")
-        if part not in _PARTS:
+        if part not in part_names:
             yield name, tensor
             continue
         parts = pending.setdefault(module, {})
         parts[part] = tensor
-        if len(parts) == (3 if quantization.method == "awq" else 4):
+        if len(parts) == num_parts:
             yield _module_weight(module, pending.pop(module), quantization, packed)
     # NOTE: a GPTQ module without g_idx (some exporters leave it out) is complete only once the files end.
     for module, parts in pending.items():
@@ -96,6 +105,8 @@ def _module_weight(module: str, parts: dict[str, torch.Tensor], quantization: In
 
 
 def _repack(module: str, parts: dict[str, torch.Tensor], quantization: Int4Quantization) -> PackedWeight:
+    if quantization.scheme is not None:
+        return compressed_tensors.repack(module, parts, quantization.scheme)
     if quantization.method == "awq":
         codes = _unpack_rows(parts["qweight"], _AWQ_NIBBLE_OF).t()          # [out, in]
         zeros = _unpack_rows(parts["qzeros"], _AWQ_NIBBLE_OF).t()           # [out, groups]
