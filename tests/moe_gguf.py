@@ -92,6 +92,8 @@ def write_moe_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
 
 
 def _add(writer: gguf.GGUFWriter, name: str, array: np.ndarray) -> None:
+    if "ffn_gate_inp_shexp" in name:   # as llama.cpp declares it: [hidden]
+        array = array.reshape(-1)
     if array.ndim >= 2 and "ffn_gate_inp" not in name and array.shape[-1] % 32 == 0:
         kind = quant_type(name)
         writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)

@@ -413,6 +413,8 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
             weight = weight.rows(torch.from_numpy(order)) if isinstance(weight, PackedWeight) else weight[order]
         if architecture in _OFFSET_NORM_ARCHITECTURES and leaf.endswith("norm") and isinstance(weight, np.ndarray):
             weight -= 1.0
+        if leaf == "ffn_gate_inp_shexp" and isinstance(weight, np.ndarray) and weight.ndim == 1:
+            weight = weight[None, :]   # llama.cpp may store the shared expert's [1, hidden] gate as [hidden]
         yield hf_name, weight if isinstance(weight, PackedWeight) else torch.from_numpy(weight)
 
 
