@@ -5,7 +5,7 @@ w[n, k] = scales[n, k // group_size] * code[n, k] + offsets[n, k // group_size]
 Codes are int8, one per byte (`bits=8`, groups of 16 or 32), or 4-bit values 0..15 two per byte
 (`bits=4`, groups of 32 in GGUF's Q4 layout: byte j of a group holds weight j in its low nibble and
 weight j + 16 in its high nibble). Every GGUF block format the loader repacks (Q4_0/1, Q5_0/1, Q8_0,
-Q4_K, Q5_K, Q6_K) is exactly this, so packed weights compute the same function as dequantized ones
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) is exactly this, so packed weights compute the same function as dequantized ones
 while moving 3-6x fewer bytes per token through memory.
 """
 from __future__ import annotations
