@@ -130,8 +130,9 @@ def test_unknown_architecture_lists_the_supported_ones(tiny_llama_dir, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"architectures": ["PhiForCausalLM"]}))
     with pytest.raises(ValueError, match=r"unsupported model architecture 'PhiForCausalLM'; supported: "
-                                         r"Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
-                                         r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                         r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LlamaForCausalLM, "
+                                         r"MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+                                         r"Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         LLM(str(folder), **ENGINE_ARGS)
 
 

@@ -26,6 +26,10 @@ def random_blocks(ggml_type: GGMLQuantizationType, rows: int, cols: int, rng) ->
     halves = lambda: rng.normal(0, 0.02, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)  # noqa: E731
     if ggml_type == GGMLQuantizationType.Q6_K:
         blocks[:, 208:210] = halves()
+    elif ggml_type == GGMLQuantizationType.Q2_K:   # d and dmin come last
+        blocks[:, 80:82], blocks[:, 82:84] = halves(), halves()
+    elif ggml_type == GGMLQuantizationType.Q3_K:
+        blocks[:, 108:110] = halves()
     else:
         blocks[:, :2] = halves()
         if ggml_type in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q4_K,

@@ -132,9 +132,9 @@ def _inapplicable_engine_options(options: dict[str, Any], config: EngineConfig) 
     if config.pipeline_parallel_size > 1:
         lines.append(f"--pipeline-parallel-size {config.pipeline_parallel_size}: the model runs in 1 process; "
                      "pipeline parallelism is not supported yet")
-    if config.quantization is not None:
+    if config.quantization not in (None, "awq", "gptq", "awq_marlin", "gptq_marlin", "compressed-tensors", "gguf"):
         lines.append(f"--quantization {config.quantization} has no effect here: weights are used as they are "
-                     "stored (a GGUF file carries its own quantization)")
+                     "stored (awq, gptq and compressed-tensors checkpoints load packed; a GGUF carries its own)")
     if "gpu_memory_utilization" in options and _runs_on_cpu(config):
         lines.append("--gpu-memory-utilization applies to CUDA only; on CPU the KV cache takes --kv-cache-space "
                      "GiB (default: 30% of free memory, at most 0.75 GiB)")

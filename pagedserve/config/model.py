@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.config.mla import MLAConfig, mla_config_from_hf
+from pagedserve.config.moe import MoEConfig, moe_config_from_hf
+
 
 def token_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
     """An id-or-ids setting (eos_token_id in config.json, generation_config.json, a tokenizer) as a tuple."""
@@ -43,6 +46,8 @@ class ModelConfig:
     local_rope_theta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    moe: MoEConfig | None = None          # routing of a mixture-of-experts model; None when dense
+    mla: MLAConfig | None = None          # multi-head latent attention (DeepSeek); None for K/V per head
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -81,22 +86,27 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", model_type == "qwen2")),
+            attention_bias=bool(getattr(hf_config, "attention_bias", None) or getattr(hf_config, "qkv_bias", None)
+                                or model_type == "qwen2"),
             hidden_act=str(getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", "silu")),
             sliding_windows=_sliding_windows(hf_config, num_layers),
             bos_token_id=hf_config.bos_token_id,
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma3"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "gemma3"),
             query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
             local_rope_theta=local_rope_theta,
             attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+            moe=moe_config_from_hf(hf_config, num_layers),
+            mla=mla_config_from_hf(hf_config, rope_scaling),
         )
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies across all layers, per byte of element size."""
+        if self.mla is not None:   # one latent + shared rotary key per token and layer, not K/V per head
+            return self.num_hidden_layers * self.mla.cache_width
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 

@@ -90,7 +90,7 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
         self.generation_config: dict[str, Any] = checkpoint.generation_defaults
-        is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
+        is_quantized = checkpoint.quantization is not None
         self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
                                   checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
@@ -204,12 +204,14 @@ class LLMEngine:
                          appended: list[Sequence]) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
-        scheduled_seqs = {item.seq.seq_id: item.seq for item in scheduler_output.scheduled}
+        scheduled = {item.seq.seq_id: item for item in scheduler_output.scheduled}
         for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
-            seq = scheduled_seqs[seq_id]
-            request = self._requests[seq.request_id]
+            item = scheduled[seq_id]
+            request = self._requests[item.seq.request_id]
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
-            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
+            # NOTE: a preempted sequence recomputes its prompt; positions already reported are not repeated.
+            num_known = len(request.prompt_logprobs) - (item.start + 1)
+            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs[max(num_known, 0):])
         for seq in appended:
             request = self._requests[seq.request_id]
             touched[request.request_id] = request

@@ -14,6 +14,7 @@ from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
+from pagedserve.layers.mla_attention import MLAAttention
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from pagedserve.models.causal_lm import CausalLM
@@ -53,7 +54,7 @@ class ModelRunner:
         if platform.use_cpu_kernels:
             self.model.enable_fused_decode()
         self.sampler = Sampler(self.device, seed)
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, (Attention, MLAAttention))]
         self.block_size = 0
         self.num_blocks = 0
 
@@ -81,10 +82,9 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        # NOTE: each layer shapes its own blocks: K and V per head, or one latent per token (MLA).
         for layer in self.attention_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.allocate_cache(num_blocks, block_size, self.dtype, self.device)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:

@@ -50,7 +50,7 @@ class PackableWeight(nn.Module):
         if tuple(loaded.shape) != expected:
             raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a parameter of "
                              f"shape {expected}")
-        if isinstance(loaded, PackedWeight) and not self._has_float_shard:
+        if isinstance(loaded, PackedWeight) and not self._has_float_shard and self._same_input_order(loaded):
             self._store_packed(loaded, rows)
             return
         if isinstance(loaded, PackedWeight):
@@ -61,6 +61,13 @@ class PackableWeight(nn.Module):
         self._has_float_shard = True
         param.data[rows].copy_(loaded)
 
+    def _same_input_order(self, loaded: PackedWeight) -> bool:
+        """Shards share x, so packed ones must agree on its order (act-order GPTQ); else the layer is float."""
+        if self.packed is None:
+            return True
+        mine, theirs = self.packed.input_order, loaded.input_order
+        return mine is theirs or (mine is not None and theirs is not None and torch.equal(mine, theirs))
+
     def _store_packed(self, loaded: PackedWeight, rows: slice) -> None:
         if self.packed is None:
             groups = self.in_features // loaded.group_size
@@ -68,7 +75,7 @@ class PackableWeight(nn.Module):
                 codes=torch.empty(self.out_features, self.in_features * loaded.bits // 8, dtype=loaded.codes.dtype),
                 scales=torch.zeros(self.out_features, groups),
                 offsets=None if loaded.offsets is None else torch.zeros(self.out_features, groups),
-                group_size=loaded.group_size, bits=loaded.bits)
+                group_size=loaded.group_size, bits=loaded.bits, input_order=loaded.input_order)
         # Shards may differ (e.g. Q4_K q/k beside Q6_K v): keep the finer grouping, and 8-bit codes
         # unless every shard is 4-bit.
         if loaded.bits != self.packed.bits:

@@ -24,6 +24,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     renamed: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
+    # infix renames (".w1." -> ".gate_proj."), for families whose checkpoints name modules their own way
+    infixes: dict[str, str] = getattr(model, "checkpoint_renames", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_prefixes", ())
     tied = getattr(model.config, "tie_word_embeddings", False)
     expected = set(_expected_shards(params, packed))
@@ -32,6 +34,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
         if name.startswith(ignored):
             continue
         name = _renamed(name, renamed)
+        for old, new in infixes.items():
+            name = name.replace(old, new)
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         param_name, shard_id = _our_name(name, packed)
