@@ -43,6 +43,11 @@ class ModelConfig:
     local_rope_theta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Encoders (BERT family) attend both ways and are only ever pooled; they embed token types and
+    # absolute positions (offset by `position_offset`: RoBERTa counts from padding_idx + 1).
+    is_causal: bool = True
+    type_vocab_size: int = 0
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -76,7 +81,7 @@ class ModelConfig:
             num_attention_heads=num_heads,
             num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
-            rms_norm_eps=hf_config.rms_norm_eps,
+            rms_norm_eps=_norm_eps(hf_config),
             max_position_embeddings=hf_config.max_position_embeddings,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -92,6 +97,9 @@ class ModelConfig:
             local_rope_theta=local_rope_theta,
             attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+            is_causal=model_type not in ENCODER_MODEL_TYPES,
+            type_vocab_size=int(getattr(hf_config, "type_vocab_size", 0) or 0),
+            position_offset=(hf_config.pad_token_id + 1) if model_type in ("roberta", "xlm-roberta") else 0,
         )
 
     @property
@@ -100,13 +108,29 @@ class ModelConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
+# Model types whose layers attend both ways (no causal mask): served as embedding models only.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
 _DEFAULT_ARCHITECTURES = {
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "xlm-roberta": "XLMRobertaModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
+
+
+def _norm_eps(hf_config: Any) -> float:
+    """The norms' epsilon: RMSNorm families call it rms_norm_eps, LayerNorm ones layer_norm_eps (BERT) or
+    layer_norm_epsilon (GPT-2)."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            return float(value)
+    raise ValueError(f"the {hf_config.model_type} config names no norm epsilon")
 
 
 def _default_architecture(model_type: str) -> str:

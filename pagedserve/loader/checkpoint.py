@@ -12,10 +12,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.config.pooler import PoolerConfig
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.loader.gguf import gguf_hf_config, iter_gguf_weights, num_gguf_tensors, read_gguf
 from pagedserve.loader.safetensors import (generation_defaults, iter_safetensors_weights, load_hf_config,
                                            num_safetensors_tensors)
+from pagedserve.loader.sentence_transformers import pooler_config
 from pagedserve.loader.source import ModelSource, resolve_model
 from pagedserve.loader.tokenizer import load_tokenizer
 
@@ -30,6 +32,8 @@ class Checkpoint:
     generation_defaults: dict[str, Any]
     num_tensors: int
     _iter_weights: Callable[..., Iterator[tuple[str, torch.Tensor | PackedWeight]]]
+    # how it pools if served for embeddings (its sentence-transformers config, or the defaults)
+    pooler_config: PoolerConfig | None = None
 
     def weights(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
         """(Hugging Face name, tensor) pairs, with a progress bar while they load. With `packed`,
@@ -52,7 +56,9 @@ def open_checkpoint(config: EngineConfig) -> Checkpoint:
         num_tensors = num_safetensors_tensors(source.path)
         iter_weights = partial(_float_weights, source.path)
     tokenizer = load_tokenizer(source, config.tokenizer, config.chat_template)
-    return Checkpoint(source, ModelConfig.from_hf(hf_config), tokenizer, defaults, num_tensors, iter_weights)
+    model_config = ModelConfig.from_hf(hf_config)
+    pooling = pooler_config(source.path if source.kind != "gguf" else None, hf_config, model_config.is_causal)
+    return Checkpoint(source, model_config, tokenizer, defaults, num_tensors, iter_weights, pooling)
 
 
 def _float_weights(folder: Path, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from torch import nn
+
 from pagedserve.config import ModelConfig
+from pagedserve.models.bert import BertModel
 from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from pagedserve.models.llama import LlamaForCausalLM
@@ -19,8 +22,17 @@ MODEL_REGISTRY: dict[str, Callable[[ModelConfig], CausalLM]] = {
 }
 
 
-def model_class(config: ModelConfig) -> Callable[[ModelConfig], CausalLM]:
-    if config.architecture not in MODEL_REGISTRY:
+# Encoders: no output head, only ever pooled into embeddings.
+ENCODER_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "BertModel": BertModel,
+    "RobertaModel": BertModel,
+    "XLMRobertaModel": BertModel,
+}
+
+
+def model_class(config: ModelConfig) -> Callable[[ModelConfig], nn.Module]:
+    registry: dict[str, Callable[[ModelConfig], nn.Module]] = {**MODEL_REGISTRY, **ENCODER_REGISTRY}
+    if config.architecture not in registry:
         raise ValueError(f"unsupported model architecture {config.architecture!r}; "
-                         f"supported: {', '.join(sorted(MODEL_REGISTRY))}")
-    return MODEL_REGISTRY[config.architecture]
+                         f"supported: {', '.join(sorted(registry))}")
+    return registry[config.architecture]
