@@ -9,14 +9,20 @@ from pagedserve.config import ModelConfig
 from pagedserve.models.bert import BertModel
 from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+from pagedserve.models.gpt2 import GPT2LMHeadModel
+from pagedserve.models.granite import GraniteForCausalLM
 from pagedserve.models.llama import LlamaForCausalLM
+from pagedserve.models.phi3 import Phi3ForCausalLM
 
 # Each entry builds the model from its config: MODEL_REGISTRY[architecture](model_config).
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], CausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GraniteForCausalLM": GraniteForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }
