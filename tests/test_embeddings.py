@@ -135,3 +135,17 @@ def test_generative_model_refuses_embeddings(tiny_llama_dir):
         llm.embed("hello")
     with pytest.raises(ValueError, match="cannot generate"):
         LLM(str(minilm_dir()), runner="generate")
+
+
+@pytest.mark.parametrize("flags", [dict(task="embed"), dict(convert="embed"), dict(runner="pooling")])
+def test_vllm_flags_make_a_decoder_an_embedding_model(flags, tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), dtype="float32", **flags)
+    assert llm.engine.pooler_config.pooling_type == "LAST" and llm.engine.pooler_config.normalize
+    assert len(llm.embed("hello")[0].outputs.embedding) == 64
+
+
+def test_contradicting_flags_are_refused(tiny_llama_dir):
+    with pytest.raises(ValueError, match="contradicts"):
+        LLM(str(tiny_llama_dir), runner="generate", convert="embed")
+    with pytest.raises(ValueError, match="contradicts"):
+        LLM(str(tiny_llama_dir), runner="generate", task="embed")

@@ -111,9 +111,7 @@ class EngineConfig:
                                      ("task", self.task, TASK_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.runner_choice == "generate" and self.convert == "embed":
-            raise ValueError("--convert embed makes an embedding model; it needs --runner pooling (or auto), "
-                             "not --runner generate")
+        self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
 
