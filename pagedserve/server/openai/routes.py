@@ -1,5 +1,5 @@
 """The OpenAI-compatible routes: /v1/models (and /v1/models/{id}), /v1/chat/completions, /v1/completions,
-/v1/embeddings, and vLLM's /tokenize and /detokenize. All of them sit behind the API key check."""
+/v1/embeddings, /v1/responses, and vLLM's /tokenize and /detokenize. All of them sit behind the API key check."""
 from __future__ import annotations
 
 import time
@@ -14,6 +14,7 @@ from pagedserve.server.errors import APIError
 from pagedserve.server.openai.chat import create_chat_completion
 from pagedserve.server.openai.completions import create_completion
 from pagedserve.server.openai.embeddings import EmbeddingRequest, create_embedding
+from pagedserve.server.openai.responses import ResponsesRequest, create_response
 from pagedserve.server.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
@@ -76,6 +77,14 @@ async def embeddings(request: Request) -> Response:
     body = await read_body(request, EmbeddingRequest)
     model = find_model(state, body.model)
     return await state.respond(model, lambda _waited: create_embedding(body, request, state, model))
+
+
+@router.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    state = server_state(request)
+    body = await read_body(request, ResponsesRequest)
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: create_response(body, request, state, model))
 
 
 @router.post("/tokenize")
