@@ -30,7 +30,7 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def minilm() -> LLM:
-    return LLM(str(minilm_dir()), dtype="float32")
+    return LLM(str(minilm_dir()))   # dtype auto: float32, as the checkpoint (see test_minilm_serves_pooling_config)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_minilm_serves_pooling_config(minilm):
     assert engine.pooler_config.pooling_type == "MEAN" and engine.pooler_config.normalize
     assert engine.max_model_len == 256              # sentence_bert_config.json's max_seq_length
     assert engine.runner.kv_bytes_per_block(16) == 0   # an encoder caches no K/V
+    assert engine.platform.dtype == torch.float32      # auto keeps a float32 embedding model in float32
 
 
 def test_minilm_token_ids_and_unnormalized(minilm, sentence_transformer):
@@ -149,3 +150,33 @@ def test_contradicting_flags_are_refused(tiny_llama_dir):
         LLM(str(tiny_llama_dir), runner="generate", convert="embed")
     with pytest.raises(ValueError, match="contradicts"):
         LLM(str(tiny_llama_dir), runner="generate", task="embed")
+
+
+def test_tiny_roberta_cls_pooling_matches_transformers(tmp_path):
+    """RoBERTa counts positions from padding_idx + 1; without a sentence-transformers config an encoder
+    pools its first token (CLS) and normalizes, as vLLM's default."""
+    from transformers import AutoModel, RobertaConfig
+
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                           type_vocab_size=1)
+    torch.manual_seed(5)
+    model = AutoModel.from_config(config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path))
+    assert llm.engine.pooler_config.pooling_type == "CLS"
+    assert llm.engine.max_model_len == 130 - (tokenizer.pad_token_id + 1)
+    prompts = [TEXTS[0], TEXTS[2], TEXTS[4], TEXTS[3]]
+    outputs = llm.embed(prompts, truncate_prompt_tokens=-1)
+    assert len(outputs[3].prompt_token_ids) == llm.engine.max_model_len
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            hidden = model(torch.tensor([output.prompt_token_ids])).last_hidden_state[0, 0]
+        assert torch.allclose(torch.tensor(output.outputs.embedding), F.normalize(hidden, dim=0), atol=1e-5), prompt

@@ -18,8 +18,7 @@ TEXTS = ["The capital of France is Paris.", "A man is eating food.", "你好，�
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess([str(minilm_dir()), "--served-model-name", NAME, "--dtype", "float32",
-                        "--disable-log-requests"]).running() as process:
+    with ServerProcess([str(minilm_dir()), "--served-model-name", NAME, "--disable-log-requests"]).running() as process:
         yield process
 
 
@@ -109,6 +108,10 @@ def test_ollama_legacy_embeddings(server, expected):
     assert httpx.post(server.url("/api/embeddings"), json={"model": NAME, "prompt": ""}).json() == {"embedding": []}
     missing = httpx.post(server.url("/api/embed"), json={"model": "nope", "input": "hi"})
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
+
+
+def test_ollama_show_says_embedding(server):
+    assert ollama.Client(host=server.base_url).show(NAME).capabilities == ["embedding"]
 
 
 def test_models_retrieve(server):

@@ -93,12 +93,19 @@ class LLMEngine:
         # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
         self.generation_config: dict[str, Any] = checkpoint.generation_defaults
         is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
-        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
         # None: a generative engine; else every request is pooled into an embedding (--runner pooling)
         self.pooler_config: PoolerConfig | None = None
         if checkpoint.pooler_config is not None:
             self.pooler_config = resolve_pooler_config(config.runner_choice, config.convert, self.model_config.is_causal,
                                                        self.model_config.architecture, checkpoint.pooler_config)
+        platform_config = config
+        # (config.json without a dtype: the float32 transformers saved by default, as all-MiniLM-L6-v2's)
+        if (self.pooler_config is not None and config.dtype == "auto" and not is_quantized
+                and self.model_config.checkpoint_dtype in (None, "float32")):
+            # NOTE: an embedding is compared by cosine with the reference model's; bfloat16 moves it by ~1e-4,
+            # float32 keeps it within 1e-6 (and encoders are small enough for float32 to cost little).
+            platform_config = config.replace(dtype="float32")
+        self.platform = Platform.resolve(platform_config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
                                   checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed,
                                   self.pooler_config)
@@ -310,7 +317,8 @@ class LLMEngine:
     # ---- sizing ---------------------------------------------------------------------------------
 
     def _resolve_max_model_len(self) -> int:
-        model_max = self.model_config.max_position_embeddings
+        # RoBERTa's positions start at padding_idx + 1: that many fewer tokens fit its position table
+        model_max = self.model_config.max_position_embeddings - self.model_config.position_offset
         if self.pooler_config is not None and self.pooler_config.max_seq_length:
             # sentence_bert_config.json: the longest input the embedding model was trained on, as vLLM reads it
             model_max = min(model_max, self.pooler_config.max_seq_length)
