@@ -66,3 +66,37 @@ def test_unsupported_fields_are_refused(client):
         client.responses.create(model=MODEL, input=[{"type": "function_call_output", "call_id": "c", "output": "x"}])
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="hi")
+
+
+@pytest.fixture(scope="module")
+def reasoning_server():
+    """SmolLM2 under the deepseek_r1 parser: it never writes </think>, so its whole answer is reasoning."""
+    from tests.server_process import ServerProcess
+
+    with ServerProcess(["smollm2-135m-instruct", "--served-model-name", MODEL, "--reasoning-parser", "deepseek_r1",
+                        "--kv-cache-space", "0.25", "--max-model-len", "4096"]).running() as server:
+        yield server
+
+
+def test_reasoning_becomes_a_reasoning_item(reasoning_server):
+    client = openai.OpenAI(base_url=reasoning_server.url("/v1"), api_key="none")
+    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    reasoning = chat.choices[0].message.model_extra["reasoning_content"]
+    assert reasoning and chat.choices[0].message.content is None
+
+    response = client.responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=12,
+                                       temperature=0)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == reasoning
+    assert response.output_text == ""
+
+    events = list(client.responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION,
+                                          max_output_tokens=12, temperature=0, stream=True))
+    streamed = "".join(event.delta for event in events if event.type == "response.reasoning_text.delta")
+    assert streamed == reasoning
+    done = [event for event in events if event.type == "response.output_item.done"]
+    assert [(event.output_index, event.item.type) for event in done] == [(0, "reasoning"), (1, "message")]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert [item.type for item in events[-1].response.output] == ["reasoning", "message"]
+    reasoning_server.check_log()

@@ -2,8 +2,9 @@
 
 `input` (a string, or message items whose content is text) and `instructions` become chat messages
 rendered by the model's template; the answer is one `message` output item with one `output_text` part,
-whole or as OpenAI's stream of typed events (response.created ... response.output_text.delta ...
-response.completed), each with its sequence_number.
+after a `reasoning` item when the server runs a reasoning parser and the model reasoned, whole or as
+OpenAI's stream of typed events (response.created ... response.reasoning_text.delta ...
+response.output_text.delta ... response.completed), each with its sequence_number.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import APIError, from_exception
 from pagedserve.server.openai.protocol import ChatCompletionRequest, OpenAIModel, random_id
+from pagedserve.server.reasoning import ReasoningParser, split_reasoning
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
 from pagedserve.server.streaming import EventStreamResponse, collect_tracked
@@ -85,8 +87,9 @@ class _Run:
     body: ResponsesRequest
     model: str
     num_prompt_tokens: int
+    prompt: str
+    reasoning_parser: str | None
     response_id: str = field(default_factory=lambda: random_id("resp"))
-    message_id: str = field(default_factory=lambda: random_id("msg"))
     created_at: int = field(default_factory=lambda: int(time.time()))
     sequence_number: int = 0
 
@@ -111,9 +114,12 @@ class _Run:
                 "tools": [], "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
                 "metadata": body.metadata or {}}
 
-    def message(self, text: str | None, status: str) -> dict[str, Any]:
-        content = [] if text is None else [_text_part(text)]
-        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+    def output(self, text: str) -> list[dict[str, Any]]:
+        """The output items of a whole answer: its reasoning (if any), then the message."""
+        reasoning, content = (split_reasoning(self.reasoning_parser, text, self.prompt) if self.reasoning_parser
+                              else (None, text))
+        items = [_item("reasoning", random_id("rs"), reasoning, "completed")] if reasoning is not None else []
+        return items + [_item("message", random_id("msg"), content or "", "completed")]
 
     def event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -125,6 +131,69 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def _item(kind: str, item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """An output item: a reasoning item (its text as reasoning_text content) or the assistant message."""
+    if kind == "reasoning":
+        content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+class _StreamedItems:
+    """The output items as they stream: the open one gets deltas; a change of side (reasoning to answer)
+    closes it and opens the next, each with OpenAI's added / delta / done events."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.done: list[dict[str, Any]] = []
+        self.kind: str | None = None
+        self.item_id = ""
+        self.text = ""
+
+    def add(self, kind: str, delta: str) -> list[str]:
+        if not delta:
+            return []
+        events = self.close() + self._open(kind) if kind != self.kind else []
+        self.text += delta
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        return events + [self.run.event(name, delta=delta, **self._where(), **extra)]
+
+    def finish(self) -> list[str]:
+        """Close the open item; an answer that was all reasoning still gets its (empty) message."""
+        events = self.close()
+        if not self.done or self.done[-1]["type"] != "message":
+            events += self._open("message") + self.close()
+        return events
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        run, where, text = self.run, self._where(), self.text
+        if self.kind == "reasoning":
+            events = [run.event("response.reasoning_text.done", text=text, **where)]
+        else:
+            events = [run.event("response.output_text.done", text=text, logprobs=[], **where),
+                      run.event("response.content_part.done", part=_text_part(text), **where)]
+        item = _item(self.kind, self.item_id, text, "completed")
+        events.append(run.event("response.output_item.done", output_index=len(self.done), item=item))
+        self.done.append(item)
+        self.kind, self.text = None, ""
+        return events
+
+    def _open(self, kind: str) -> list[str]:
+        self.kind, self.item_id, self.text = kind, random_id("rs" if kind == "reasoning" else "msg"), ""
+        events = [self.run.event("response.output_item.added", output_index=len(self.done),
+                                 item=_item(kind, self.item_id, None, "in_progress"))]
+        if kind == "message":
+            events.append(self.run.event("response.content_part.added", part=_text_part(""), **self._where()))
+        return events
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": len(self.done), "content_index": 0}
+
+
 async def create_response(body: ResponsesRequest, request: Request, state: ServerState, model: ServedModel) -> Response:
     messages = body.messages()
     client = model.engine
@@ -132,7 +201,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
                                  temperature=body.temperature, top_p=body.top_p, stream=body.stream)
     params = chat.to_sampling_params(client.sampling_defaults, OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
     prompt = await client.render_chat(messages, ChatOptions())
-    run = _Run(body, body.model or model.name, len(prompt.token_ids))
+    run = _Run(body, body.model or model.name, len(prompt.token_ids), prompt.text, state.server_config.reasoning_parser)
     state.log_received(run.response_id, prompt.text, params)
     stream = await client.generate(prompt.token_ids, params, run.response_id)
     tracker = state.track(model, [stream])
@@ -143,29 +212,30 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
         return Response(status_code=499)   # the client is gone; nobody reads this
     state.log_finished(run.response_id, finals)
     final = finals[0]
-    return JSONResponse(run.response("completed", [run.message(final.outputs[0].text, "completed")], final))
+    return JSONResponse(run.response("completed", run.output(final.outputs[0].text), final))
 
 
 async def _stream(run: _Run, stream: Any, state: ServerState, tracker: RequestTracker) -> AsyncIterator[str]:
-    where = {"item_id": run.message_id, "output_index": 0, "content_index": 0}
+    parser = ReasoningParser(run.reasoning_parser, run.prompt) if run.reasoning_parser else None
+    items = _StreamedItems(run)
     try:
         yield run.event("response.created", response=run.response("in_progress", []))
         yield run.event("response.in_progress", response=run.response("in_progress", []))
-        yield run.event("response.output_item.added", output_index=0, item=run.message(None, "in_progress"))
-        yield run.event("response.content_part.added", part=_text_part(""), **where)
-        text, final = "", None
+        final = None
         async for final in stream:
-            delta = final.outputs[0].text
-            if delta:
-                text += delta
-                yield run.event("response.output_text.delta", delta=delta, logprobs=[], **where)
+            completion = final.outputs[0]
+            if parser is None:
+                events = items.add("message", completion.text)
+            else:
+                piece = parser.split(completion.text, completion.is_finished)
+                events = items.add("reasoning", piece.reasoning) + items.add("message", piece.content)
+            for event in events:
+                yield event
         tracker.completed = True
         state.log_finished(run.response_id, [final])
-        yield run.event("response.output_text.done", text=text, logprobs=[], **where)
-        yield run.event("response.content_part.done", part=_text_part(text), **where)
-        item = run.message(text, "completed")
-        yield run.event("response.output_item.done", output_index=0, item=item)
-        response = run.response("completed", [item], final)
+        for event in items.finish():
+            yield event
+        response = run.response("completed", items.done, final)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         yield run.event(kind, response=response)
     except Exception as error:   # noqa: BLE001 - once streaming, an error can only travel as an event
