@@ -11,6 +11,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OMP_WAIT_POLICIES = ("auto", "active", "passive")
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+RUNNER_CHOICES = ("auto", "generate", "pooling")
+CONVERT_CHOICES = ("auto", "none", "embed")
+# vLLM's older --task: generate, or embed (embedding) = --runner pooling --convert embed
+TASK_CHOICES = ("auto", "generate", "embed", "embedding")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,16 @@ class EngineConfig:
                                                            "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
+    runner: str = field(default="auto", metadata={
+        "choices": RUNNER_CHOICES,
+        "help": "generate text, or pool prompts into embeddings (/v1/embeddings, /api/embed); auto: pooling for "
+                "encoders (BERT family), generate otherwise"})
+    convert: str = field(default="auto", metadata={
+        "choices": CONVERT_CHOICES,
+        "help": "embed: serve a generative model as an embedding model (last-token pooling, normalized, unless "
+                "its sentence-transformers config says otherwise)"})
+    task: str = field(default="auto", metadata={
+        "choices": TASK_CHOICES, "help": "vLLM's older spelling: embed = --runner pooling, generate = --runner generate"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -93,8 +107,23 @@ class EngineConfig:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         if self.cpu_threads_bind is not None:
             bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
+        for name, value, choices in (("runner", self.runner, RUNNER_CHOICES), ("convert", self.convert, CONVERT_CHOICES),
+                                     ("task", self.task, TASK_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+
+    @property
+    def runner_choice(self) -> str:
+        """--runner with --task and --convert folded in: auto, generate or pooling."""
+        implied = {"generate": "generate", "embed": "pooling", "embedding": "pooling"}.get(self.task)
+        if self.convert == "embed":
+            implied = "pooling"
+        if implied is not None and self.runner not in ("auto", implied):
+            raise ValueError(f"--runner {self.runner} contradicts --task {self.task} / --convert {self.convert}")
+        return implied or self.runner
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
 
@@ -102,6 +103,17 @@ class EngineClient:
             grammar = await self._processor.grammars.compile_async(params.structured_outputs)
             request = dataclasses.replace(request, grammar=grammar)
         return await self._core.add_request(request)
+
+    async def embed(self, prompt: str | list[int], params: PoolingParams, request_id: str,
+                    truncate: int | None = None, keep_end: bool = False) -> RequestStream:
+        """Check and queue one embedding request; its one output (with `embedding`) arrives on the stream.
+        Raises ValueError (nothing queued) for a request the model cannot serve."""
+        request = await self._run(self._processor.process_pooling, request_id, prompt, params, truncate, keep_end)
+        return await self._core.add_request(request)
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self._processor.limits.pooler is not None
 
     def abort(self, request_id: str) -> None:
         self._core.abort(request_id)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from pagedserve.config import EngineConfig, ModelConfig, token_ids
+from pagedserve.config.pooler import PoolerConfig, resolve_pooler_config
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -18,6 +19,7 @@ from pagedserve.engine.structured_output import GrammarMatchers
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_sent_tokens: list[int] = field(default_factory=list)
+    pooling: PoolingParams | None = None       # an embedding request
 
     @property
     def is_finished(self) -> bool:
@@ -91,17 +94,37 @@ class LLMEngine:
         # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
         self.generation_config: dict[str, Any] = checkpoint.generation_defaults
         is_quantized = checkpoint.quantization is not None
-        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
+        # None: a generative engine; else every request is pooled into an embedding (--runner pooling)
+        self.pooler_config: PoolerConfig | None = None
+        if checkpoint.pooler_config is not None:
+            self.pooler_config = resolve_pooler_config(config.runner_choice, config.convert, self.model_config.is_causal,
+                                                       self.model_config.architecture, checkpoint.pooler_config)
+        platform_config = config
+        # (config.json without a dtype: the float32 transformers saved by default, as all-MiniLM-L6-v2's)
+        if (self.pooler_config is not None and config.dtype == "auto" and not is_quantized
+                and self.model_config.checkpoint_dtype in (None, "float32")):
+            # NOTE: an embedding is compared by cosine with the reference model's; bfloat16 moves it by ~1e-4,
+            # float32 keeps it within 1e-6 (and encoders are small enough for float32 to cost little).
+            platform_config = config.replace(dtype="float32")
+        self.platform = Platform.resolve(platform_config, self.model_config.checkpoint_dtype, is_quantized)
         self.runner = ModelRunner(self.model_config, self.platform,
-                                  checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
+                                  checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed,
+                                  self.pooler_config)
         self.max_model_len = self._resolve_max_model_len()
         num_blocks = self._resolve_num_blocks()
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens
-                                   or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048),
-                                   self.max_model_len)
+        # Encoders and MEAN/CLS pooling read a prompt's rows all at once: no chunks, no cached prefixes.
+        whole_prompts = self.pooler_config is not None and (not self.model_config.is_causal
+                                                            or self.pooler_config.needs_whole_prompt)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching and not whole_prompts)
+        budget = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048)
+        if whole_prompts and budget < self.max_model_len:
+            logger.info("max_num_batched_tokens raised from %d to max_model_len %d: prompts of this pooling model "
+                        "run whole", budget, self.max_model_len)
+            budget = self.max_model_len
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, self.max_model_len,
+                                   chunked_prefill=not whole_prompts)
         # generation_config.json may list more end ids than config.json (Llama 3's <|eot_id|>).
         self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
                                         *token_ids(self.generation_config.get("eos_token_id"))))
@@ -125,6 +148,9 @@ class LLMEngine:
         request_id, params, prompt_token_ids = request.request_id, request.params, request.prompt_token_ids
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if request.pooling is not None:
+            self._add_pooling_request(request, request.pooling)
+            return
         backend = self.tokenizer.backend_tokenizer
         seqs, detokenizers = [], []
         for index in range(params.n):
@@ -141,6 +167,15 @@ class LLMEngine:
                                               detokenizers, RequestMetrics(request.arrival_time), prompt_logprobs,
                                               [0] * params.n)
         self.scheduler.add(seqs[0])
+
+    def _add_pooling_request(self, request: EngineRequest, pooling: PoolingParams) -> None:
+        """One sequence that runs its prompt and ends; no detokenizer, nothing sampled."""
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.max_tokens,
+                       arrival_time=request.arrival_time, is_pooling=True)
+        self._requests[request.request_id] = _Request(
+            request.request_id, request.prompt, request.prompt_token_ids, request.params, [seq], [],
+            RequestMetrics(request.arrival_time), None, [0], pooling)
+        self.scheduler.add(seq)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now; their KV blocks return to the pool at once."""
@@ -186,17 +221,20 @@ class LLMEngine:
             return []
         now = time.time()
         rows = {}
+        pooling_of: dict[int, PoolingParams] = {}
         for item in scheduler_output.scheduled:
             request = self._requests[item.seq.request_id]
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
             if item.start < item.seq.num_prompt_tokens:
                 self.num_prompt_tokens_computed += min(item.num_new_tokens, item.seq.num_prompt_tokens - item.start)
-            if item.is_sampling:
+            if item.is_sampling and request.pooling is not None:
+                pooling_of[item.seq.seq_id] = request.pooling
+            elif item.is_sampling:
                 seq = item.seq
                 rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
                                                seq.eos_token_ids, self.grammar_matchers.matcher_for(seq))
-        runner_output = self.runner.execute(scheduler_output, rows)
+        runner_output = self.runner.execute(scheduler_output, rows, pooling_of)
         appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
         return self._process_outputs(scheduler_output, runner_output, appended)
 
@@ -233,7 +271,8 @@ class LLMEngine:
             elif not seq.is_finished and self.grammar_matchers.is_terminated(seq):
                 # The grammar took its end token: the answer is complete, even under min_tokens or ignore_eos.
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-        outputs = []
+        outputs = [self._pooled_output(scheduled[seq_id].seq, embedding, now)
+                   for seq_id, embedding in runner_output.embeddings.items()]
         for request in touched.values():
             output = self._make_output(request)
             if output is not None:
@@ -242,6 +281,13 @@ class LLMEngine:
                 request.metrics.finished_time = now
                 del self._requests[request.request_id]
         return outputs
+
+    def _pooled_output(self, seq: Sequence, embedding: list[float], now: float) -> RequestOutput:
+        request = self._requests.pop(seq.request_id)
+        request.metrics.first_token_time = request.metrics.last_token_time = request.metrics.finished_time = now
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=request.prompt_token_ids, outputs=[], finished=True,
+                             num_cached_tokens=seq.num_cached_tokens, metrics=request.metrics, embedding=embedding)
 
     def _make_output(self, request: _Request) -> RequestOutput | None:
         finished = request.is_finished
@@ -283,7 +329,11 @@ class LLMEngine:
     # ---- sizing ---------------------------------------------------------------------------------
 
     def _resolve_max_model_len(self) -> int:
-        model_max = self.model_config.max_position_embeddings
+        # RoBERTa's positions start at padding_idx + 1: that many fewer tokens fit its position table
+        model_max = self.model_config.max_position_embeddings - self.model_config.position_offset
+        if self.pooler_config is not None and self.pooler_config.max_seq_length:
+            # sentence_bert_config.json: the longest input the embedding model was trained on, as vLLM reads it
+            model_max = min(model_max, self.pooler_config.max_seq_length)
         asked = self.config.max_model_len
         if asked is None:
             return model_max
@@ -295,12 +345,14 @@ class LLMEngine:
 
     def _resolve_num_blocks(self) -> int:
         block_size = self.config.block_size
+        most_useful = -(-self.max_model_len // block_size) * self.config.max_num_seqs
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
+        elif self.runner.kv_bytes_per_block(block_size) == 0:
+            num_blocks = most_useful   # an encoder: blocks only count tokens in flight, nothing is cached
         else:
             num_blocks = self.platform.kv_cache_bytes(self.config) // self.runner.kv_bytes_per_block(block_size)
             # No use holding more than every sequence at full length could fill.
-            most_useful = -(-self.max_model_len // block_size) * self.config.max_num_seqs
             num_blocks = min(num_blocks, most_useful)
         if num_blocks * block_size < self.max_model_len:
             capacity = num_blocks * block_size

@@ -3,12 +3,15 @@ output into input tensors, runs the forward pass and samples."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+from torch import nn
 
 from pagedserve.config import ModelConfig
+from pagedserve.config.pooler import PoolerConfig
+from pagedserve.engine.pooler import Pooler, PoolingRow
 from pagedserve.engine.platform import Platform
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
@@ -20,6 +23,7 @@ from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token
 from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.loading import load_weights
 from pagedserve.models.registry import model_class
+from pagedserve.pooling_params import PoolingParams
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[int, int]                       # seq_id -> token
     logprobs: dict[int, TokenLogprobs]                      # seq_id -> the sampled token's logprobs
     prompt_logprobs: dict[int, list[TokenLogprobs]]         # seq_id -> this chunk's prompt positions
+    embeddings: dict[int, list[float]] = field(default_factory=dict)   # seq_id -> pooled prompt
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class _StepInputs:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, platform: Platform,
                  weights: Iterable[tuple[str, torch.Tensor | PackedWeight]],
-                 seed: int = 0) -> None:
+                 seed: int = 0, pooler_config: PoolerConfig | None = None) -> None:
         self.model_config = model_config
         self.device = platform.device
         self.dtype = platform.dtype
@@ -51,8 +56,11 @@ class ModelRunner:
         # engine in the same process may choose differently.
         self.use_cpu_kernels = platform.use_cpu_kernels
         self.model = _build_model(model_config, platform, weights)
-        if platform.use_cpu_kernels:
-            self.model.enable_fused_decode()
+        # None for an encoder, which has no output head and is only pooled.
+        self.lm = self.model if isinstance(self.model, CausalLM) else None
+        if self.lm is not None and platform.use_cpu_kernels:
+            self.lm.enable_fused_decode()
+        self.pooler = Pooler(pooler_config) if pooler_config is not None else None
         self.sampler = Sampler(self.device, seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, (Attention, MLAAttention))]
         self.block_size = 0
@@ -77,6 +85,9 @@ class ModelRunner:
                            if isinstance(m, PackableWeight) and m.packed is not None)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
+        """0 for an encoder: its attention reads only the step's own K/V and caches nothing."""
+        if not self.attention_layers:
+            return 0
         element_size = torch.empty((), dtype=self.dtype).element_size()
         return self.model_config.kv_bytes_per_token * element_size * block_size
 
@@ -87,14 +98,26 @@ class ModelRunner:
             layer.allocate_cache(num_blocks, block_size, self.dtype, self.device)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
-        """Run one step. `rows_of` gives the sampling state of every scheduled sequence that samples."""
+    def execute(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow],
+                pooling_of: dict[int, PoolingParams] | None = None) -> ModelRunnerOutput:
+        """Run one step. `rows_of` gives the sampling state of every scheduled sequence that samples,
+        `pooling_of` the pooling params of every pooled sequence whose prompt ends in this step."""
         self.sampler.forget(scheduler_output.finished_seq_ids)
         inputs = self._prepare_inputs(scheduler_output)
         # NOTE: the context spans the logits too: the output head is one of this model's (packed) layers.
         with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden_size]
+            if pooling_of:
+                return ModelRunnerOutput({}, {}, {}, self._pool(inputs, hidden_states, pooling_of))
             return self._outputs(inputs, hidden_states, rows_of)
+
+    def _pool(self, inputs: _StepInputs, hidden_states: torch.Tensor,
+              pooling_of: dict[int, PoolingParams]) -> dict[int, list[float]]:
+        assert self.pooler is not None, "pooling requests reached a model without a pooler"
+        rows = [PoolingRow(item.seq.seq_id, query_start, item.num_new_tokens, item.start == 0,
+                           pooling_of[item.seq.seq_id])
+                for item, query_start in zip(inputs.items, inputs.query_starts) if item.seq.seq_id in pooling_of]
+        return self.pooler(hidden_states, rows)
 
     def _outputs(self, inputs: _StepInputs, hidden_states: torch.Tensor,
                  rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
@@ -109,7 +132,8 @@ class ModelRunner:
                 sample_items.append(item)
         if not sample_rows:
             return ModelRunnerOutput({}, {}, prompt_logprobs)
-        logits = self.model.compute_logits(hidden_states[sample_rows])     # [num_samples, vocab_size]
+        assert self.lm is not None, "an encoder has no output head to sample from"
+        logits = self.lm.compute_logits(hidden_states[sample_rows])     # [num_samples, vocab_size]
         rows = [rows_of[item.seq.seq_id] for item in sample_items]
         sampled = self.sampler(logits, rows)
         seq_ids = [item.seq.seq_id for item in sample_items]
@@ -124,7 +148,8 @@ class ModelRunner:
         num_rows = end - item.start
         if num_rows <= 0:
             return []
-        logits = self.model.compute_logits(hidden_states[query_start:query_start + num_rows])
+        assert self.lm is not None, "an encoder has no output head"
+        logits = self.lm.compute_logits(hidden_states[query_start:query_start + num_rows])
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = seq.token_ids[item.start + 1:end + 1]
         num_top = seq.params.prompt_logprobs or 0
@@ -174,7 +199,7 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
 
 
 def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]]
-                 ) -> CausalLM:
+                 ) -> nn.Module:
     cls = model_class(config)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(platform.dtype)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pagedserve.engine.structured_output import GrammarCompiler
+from pagedserve.config.pooler import PoolerConfig
 from pagedserve.loader.chat_template import render_chat_prompt
-from pagedserve.sampling_params import SamplingParams, SamplingParamsError
+from pagedserve.pooling_params import PoolingParams
+from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults, sampling_defaults
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.time)
     grammar: Any = None              # xgrammar.CompiledGrammar of params.structured_outputs, compiled
     grammar_starts_after: tuple[int, ...] = ()   # tokens of structured_outputs.starts_after
+    pooling: PoolingParams | None = None     # an embedding request: the prompt is pooled, nothing generated
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class ModelLimits:
     max_model_len: int
     max_num_seqs: int
     eos_token_ids: frozenset[int] = frozenset()
+    pooler: PoolerConfig | None = None       # set when the engine pools (embeddings) instead of generating
+    hidden_size: int = 0
 
 
 class InputProcessor:
@@ -84,7 +89,7 @@ class InputProcessor:
             logger.info("%s: sampling defaults for fields a request leaves out: %s", engine.config.model,
                         dict(defaults.values))
         limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs,
-                             engine.eos_token_ids)
+                             engine.eos_token_ids, engine.pooler_config, engine.model_config.hidden_size)
         return cls(engine.tokenizer, limits, model_defaults, defaults)
 
     # ---- text <-> tokens ------------------------------------------------------------------------
@@ -132,6 +137,8 @@ class InputProcessor:
         A structured-output request waits here for its grammar, unless `wait_for_grammar` is off: then its
         compile is only started and the caller awaits `grammars.compile_async` (the server does, so a
         slow compile holds no worker thread)."""
+        if self.limits.pooler is not None:
+            raise ValueError("this model is served for embeddings (--runner pooling): it does not generate text")
         prompt_token_ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check(prompt_token_ids, params)
         grammar = None
@@ -175,3 +182,56 @@ class InputProcessor:
                              f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
                              f"or completion.")
         return params.max_tokens
+
+    # ---- embeddings -----------------------------------------------------------------------------
+
+    def process_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams,
+                        truncate: int | None = None, keep_end: bool = False, add_special_tokens: bool = True,
+                        arrival_time: float | None = None) -> EngineRequest:
+        """Tokenize and check one embedding request. `truncate`: at most that many tokens (-1: the context
+        length); text is cut by the tokenizer, which keeps its closing special token, unless `keep_end`
+        (vLLM's truncate_prompt_tokens: the last tokens). Raises ValueError for anything the engine could
+        not serve, as `process` does."""
+        pooler = self.limits.pooler
+        if pooler is None:
+            raise SamplingParamsError("model", "The model does not support Embeddings API: it is served for "
+                                               "generation (serve an embedding model, or this one with --runner pooling)")
+        self._check_dimensions(params, pooler)
+        limit = self.limits.max_model_len if truncate == -1 else truncate
+        if limit is not None and limit < 1:
+            raise SamplingParamsError("truncate_prompt_tokens", f"truncation must be -1 or positive, got {truncate}")
+        if isinstance(prompt, str):
+            text = prompt.lower() if pooler.do_lower_case else prompt
+            if limit is not None and not keep_end:
+                token_ids = self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                                           max_length=limit)["input_ids"]
+            else:
+                token_ids = self.tokenize(text, add_special_tokens)
+        else:
+            token_ids = list(prompt)
+        if limit is not None:
+            token_ids = token_ids[-limit:] if keep_end else token_ids[:limit]
+        if not token_ids:
+            raise SamplingParamsError("input", "the input is empty")
+        self.check_token_ids(token_ids, "input")
+        if len(token_ids) > self.limits.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.limits.max_model_len} tokens. However, "
+                             f"you requested {len(token_ids)} tokens in the input for embedding generation. Please "
+                             f"reduce the length of the input.")
+        return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids,
+                             SamplingParams(max_tokens=1, output_kind=OutputKind.FINAL_ONLY), 1,
+                             time.time() if arrival_time is None else arrival_time, params)
+
+    def _check_dimensions(self, params: PoolingParams, pooler: PoolerConfig) -> None:
+        if params.dimensions is None:
+            return
+        if not pooler.is_matryoshka:
+            raise SamplingParamsError("dimensions", "Model does not support matryoshka representation, changing "
+                                                    "output dimensions will lead to poor results.")
+        allowed = pooler.matryoshka_dimensions
+        if allowed is not None and params.dimensions not in allowed:
+            raise SamplingParamsError("dimensions", f"Model only supports {list(allowed)} matryoshka dimensions, "
+                                                    f"using other output dimensions will lead to poor results.")
+        if params.dimensions > self.limits.hidden_size:
+            raise SamplingParamsError("dimensions", f"dimensions must be at most {self.limits.hidden_size}, "
+                                                    f"got {params.dimensions}")

@@ -41,8 +41,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, chunked_prefill: bool = True) -> None:
         self.block_manager = block_manager
+        # NOTE: off for prompts that must run whole (an encoder's, or MEAN/CLS pooling): a prompt waits
+        # until one step's budget holds all of it. The engine keeps the budget at least max_model_len.
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -90,7 +93,10 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq, num_computed_before)
             if seq.pending_forks and seq.is_prefill_done:
                 self._start_forks(seq)
-            if item.is_sampling:
+            if item.is_sampling and seq.is_pooling:
+                # pooled by the runner this step; its blocks go back to the pool at once
+                self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            elif item.is_sampling:
                 seq.append_token(sampled_token_ids[seq.seq_id])
                 appended.append(seq)
                 status, reason = self._check_stop(seq)
@@ -138,6 +144,8 @@ class Scheduler:
                 cached_block_ids = self.block_manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached_block_ids) * self.block_manager.block_size
             num_new_tokens = min(seq.num_uncomputed_tokens - num_cached_tokens, budget)
+            if not self.chunked_prefill and num_new_tokens < seq.num_uncomputed_tokens - num_cached_tokens:
+                break
             if not self.block_manager.allocate(seq, num_new_tokens, cached_block_ids):
                 break
             self.waiting.popleft()

@@ -46,6 +46,8 @@ class Sequence:
     # n > 1: siblings that start from this sequence's prompt KV once it is computed.
     pending_forks: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    # An embedding request: its prompt is pooled once computed, then it ends (nothing is generated).
+    is_pooling: bool = False
     # Sampler results, appended by the engine.
     cumulative_logprob: float = 0.0
     output_logprobs: list[PositionLogprobs] = field(default_factory=list)

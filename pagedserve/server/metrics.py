@@ -130,8 +130,9 @@ class EngineMetrics:
 
     def record_finished(self, output: Any) -> None:
         """Latencies and counts of a finished request (a final `RequestOutput`)."""
-        first = output.outputs[0]
-        self.request_success.labels(self._model_name, first.finish_reason or "stop").inc()
+        # an embedding request has no completions: it stops once its prompt is pooled
+        reason = output.outputs[0].finish_reason if output.outputs else None
+        self.request_success.labels(self._model_name, reason or "stop").inc()
         self.request_prompt_tokens.observe(len(output.prompt_token_ids))
         self.request_generation_tokens.observe(sum(c.num_output_tokens for c in output.outputs))
         metrics = output.metrics

@@ -1,6 +1,6 @@
 """The Ollama API on the same port as the OpenAI one: /api/version (open), /api/chat and /api/generate,
 the model routes of ollama/models.py (/api/tags, /api/show, /api/ps) and ollama/manage.py (/api/pull,
-/api/create, /api/copy, /api/delete), all behind the API
+/api/create, /api/copy, /api/delete), the embedding routes of ollama/embed.py, all behind the API
 key when one is set.
 
 Requests run the same engine path as the OpenAI routes (a held ServedModel, AsyncEngine.add_request,
@@ -24,6 +24,7 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError, from_exception
 from pagedserve.server.ollama.models import find_model
+from pagedserve.server.ollama.embed import router as embed_router
 from pagedserve.server.ollama.manage import router as manage_router
 from pagedserve.server.ollama.models import router as models_router
 from pagedserve.server.ollama.protocol import (ChatBody, GenerateBody, InferenceBody, done_fields, ollama_tool_call,
@@ -44,6 +45,7 @@ open_router = APIRouter()
 router = APIRouter(dependencies=[Depends(verify_api_key)])
 router.include_router(models_router)
 router.include_router(manage_router)
+router.include_router(embed_router)
 
 
 @open_router.api_route("/api/version", methods=["GET", "HEAD"])
