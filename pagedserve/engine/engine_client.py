@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
+from pagedserve.engine.async_engine import AsyncEngine, DeathHook, RequestStream, StepHook
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
 from pagedserve.sampling_params import SamplingParams
@@ -28,10 +28,11 @@ _NUM_PROCESSOR_THREADS = 2
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None,
+                 on_dead: DeathHook | None = None) -> None:
         self.model_info: ModelInfo = engine.model_info()
         self._processor = processor
-        self._core = AsyncEngine(engine, on_step)
+        self._core = AsyncEngine(engine, on_step, on_dead)
         self._stats = engine.stats
         self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
         self._ids = itertools.count()
@@ -39,12 +40,13 @@ class EngineClient:
     @classmethod
     def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
               sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
-              on_step: StepHook | None = None) -> EngineClient:
-        """Load the model (blocking: call it off the event loop) and start its step loop."""
+              on_step: StepHook | None = None, on_dead: DeathHook | None = None) -> EngineClient:
+        """Load the model (blocking: call it off the event loop) and start its step loop. `on_dead(error)`
+        is called on the loop's thread if the loop ever ends other than by shutdown()."""
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
                                               use_generation_config=use_generation_config)
-        return cls(engine, processor, on_step)
+        return cls(engine, processor, on_step, on_dead)
 
     # ---- what the model is ----------------------------------------------------------------------
 

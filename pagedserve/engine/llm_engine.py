@@ -105,6 +105,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
                                         *token_ids(self.generation_config.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
+        self._failures: dict[str, Exception] = {}   # requests that failed in a step, until taken
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
         self.load_seconds = time.perf_counter() - start
@@ -145,6 +146,15 @@ class LLMEngine:
                 continue
             for seq in request.seqs:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def take_failures(self) -> dict[str, Exception]:
+        """Requests that failed while their outputs were made (request id -> error), since the last call.
+
+        NOTE: such a failure (a detokenizer or logprobs error: one request's data) aborts only that
+        request; the step's other outputs are returned as usual.
+        """
+        failures, self._failures = self._failures, {}
+        return failures
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -203,33 +213,56 @@ class LLMEngine:
             seq = scheduled_seqs[seq_id]
             request = self._requests[seq.request_id]
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
-            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
+            try:
+                request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
         for seq in appended:
+            if seq.request_id not in self._requests:   # failed earlier in this step
+                continue
             request = self._requests[seq.request_id]
-            touched[request.request_id] = request
             self.num_generation_tokens_total += 1
-            metrics = request.metrics
-            if metrics.first_token_time is None or metrics.last_token_time is None:
-                metrics.first_token_time = now
-            elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
-                metrics.token_gaps.append(now - metrics.last_token_time)
-            metrics.last_token_time = now
-            token_logprobs = runner_output.logprobs.get(seq.seq_id)
-            if token_logprobs is not None:
-                seq.cumulative_logprob += token_logprobs.logprob
-                seq.output_logprobs.append(self._to_position_logprobs(token_logprobs))
-            stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
-            if stop is not None and not seq.is_finished:
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
+            try:
+                self._add_token(request, seq, runner_output, now)
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
+                continue
+            touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            output = self._make_output(request)
+            if request.request_id not in self._requests:
+                continue
+            try:
+                output = self._make_output(request)
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
+                continue
             if output is not None:
                 outputs.append(output)
             if request.is_finished:
                 request.metrics.finished_time = now
                 del self._requests[request.request_id]
         return outputs
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        self._failures[request.request_id] = error
+        self.abort_request(request.request_id)
+
+    def _add_token(self, request: _Request, seq: Sequence, runner_output: ModelRunnerOutput, now: float) -> None:
+        """The sequence's newest token into the request's metrics, logprobs and text (stop strings)."""
+        metrics = request.metrics
+        if metrics.first_token_time is None or metrics.last_token_time is None:
+            metrics.first_token_time = now
+        elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
+            metrics.token_gaps.append(now - metrics.last_token_time)
+        metrics.last_token_time = now
+        token_logprobs = runner_output.logprobs.get(seq.seq_id)
+        if token_logprobs is not None:
+            seq.cumulative_logprob += token_logprobs.logprob
+            seq.output_logprobs.append(self._to_position_logprobs(token_logprobs))
+        stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
+        if stop is not None and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
 
     def _make_output(self, request: _Request) -> RequestOutput | None:
         finished = request.is_finished

@@ -84,6 +84,9 @@ class InputProcessor:
     # ---- text <-> tokens ------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Raises ValueError for text that is not Unicode (a lone surrogate: the Rust tokenizer takes
+        only what UTF-8 can encode, and would raise a TypeError)."""
+        _check_encodable(text)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -153,3 +156,11 @@ class InputProcessor:
                              f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
                              f"or completion.")
         return params.max_tokens
+
+
+def _check_encodable(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SamplingParamsError("prompt", f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x}) "
+                                            f"at character {error.start}, which is no Unicode character") from None

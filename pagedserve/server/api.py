@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -65,13 +66,32 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# A \uD800-\uDFFF escape: JSON allows it, but alone (not as half of a pair) it is no Unicode character,
+# and the tokenizer (Rust, UTF-8 only) cannot take it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+
+
 def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise APIError("missing request body", HTTPStatus.BAD_REQUEST)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise APIError(f"the request body is not valid JSON: {error}", HTTPStatus.BAD_REQUEST) from None
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(data)
+    return data
+
+
+def _check_unicode(data: Any) -> None:
+    """400 if a string holds a lone surrogate (pairs decode to one character and pass)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(error.object[error.start])
+        raise APIError(f"the request body is not valid JSON text: it holds a lone UTF-16 surrogate "
+                       f"(\\u{code:04x}) that is not half of a pair, so it is no Unicode character",
+                       HTTPStatus.BAD_REQUEST) from None
 
 
 def _reject_constant(name: str) -> Any:

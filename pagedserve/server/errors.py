@@ -60,17 +60,22 @@ def sse_error(error: BaseException) -> str:
 
 
 def from_exception(error: BaseException) -> APIError:
-    """APIError for anything raised while serving a request: ValueError is the client's fault (400)."""
-    from pagedserve.engine.async_engine import EngineDeadError
+    """APIError for anything raised while serving a request: ValueError is the client's fault (400).
+
+    A fault of ours is a 500 whose message names no exception, file or path: those go to the log.
+    """
+    from pagedserve.engine.async_engine import EngineDeadError, RequestFailedError
 
     if isinstance(error, APIError):
         return error
     if isinstance(error, EngineDeadError):
         return APIError(str(error), HTTPStatus.SERVICE_UNAVAILABLE)
+    if isinstance(error, RequestFailedError):   # the engine logged the cause
+        return APIError(f"{error}; the server log has the details", HTTPStatus.INTERNAL_SERVER_ERROR)
     if isinstance(error, ValueError):
         return APIError(str(error), HTTPStatus.BAD_REQUEST, getattr(error, "param", None))
     logger.exception("request failed", exc_info=error)
-    return APIError(f"internal error: {type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR)
+    return APIError("internal server error; the server log has the details", HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
+import threading
 from types import FrameType
 from typing import Sequence
 
@@ -21,6 +23,10 @@ logger = logging.getLogger("pagedserve.server")
 
 # Beyond shutdown_timeout, how long uvicorn waits for connections before cancelling them.
 _SHUTDOWN_MARGIN_SECONDS = 5.0
+# After a fatal error, beyond uvicorn's graceful shutdown, how long stopping the engines may take.
+_FORCED_EXIT_MARGIN_SECONDS = 10.0
+# The exit status after a fatal error (a model failed to load at start-up, an engine loop died).
+FATAL_EXIT_CODE = 1
 
 
 class _Server(uvicorn.Server):
@@ -46,7 +52,13 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._state.begin_drain)
 
     def stop(self, _error: BaseException) -> None:
+        """A fatal error (a start-up load failed, an engine loop died): shut down now, and should that
+        hang, end the process anyway once the graceful shutdown's time is up."""
         self.should_exit = True
+        bound = self.config.timeout_graceful_shutdown or 0
+        timer = threading.Timer(bound + _FORCED_EXIT_MARGIN_SECONDS, _force_exit)
+        timer.daemon = True
+        timer.start()
 
     def _bound_port(self) -> int:
         for server in self.servers:
@@ -57,7 +69,8 @@ class _Server(uvicorn.Server):
 
 def run_server(server_config: ServerConfig, engine_config: EngineConfig,
                model_names: Sequence[str] | None = None) -> int:
-    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up."""
+    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up or an
+    engine loop died."""
     holder: list[_Server] = []
     app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error),
                      model_names=model_names)
@@ -69,8 +82,15 @@ def run_server(server_config: ServerConfig, engine_config: EngineConfig,
     server = _Server(config, app.state.server)
     holder.append(server)
     server.run()
-    failed = any(model.load_error is not None for model in app.state.server.served_models)
-    return 1 if failed else 0
+    state: ServerState = app.state.server
+    failed = state.engine_error is not None or any(model.load_error is not None for model in state.served_models)
+    return FATAL_EXIT_CODE if failed else 0
+
+
+def _force_exit() -> None:
+    logger.critical("the server did not shut down in time after a fatal error; exiting now")
+    logging.shutdown()
+    os._exit(FATAL_EXIT_CODE)
 
 
 def _startup_line(state: ServerState, port: int) -> str:

@@ -1,0 +1,182 @@
+"""Hostile and careless clients against a live server (issue 16): no request kills or freezes it.
+
+Each case sends the exact input, checks the 4xx and its shape (OpenAI's; Ollama's under /api/), checks
+that a /health poller running beside it never waited a second, and that a normal request still works.
+Faults are injected into a server process through tests/faulty_server.py.
+"""
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.faulty_server import FAULT_MARKER, FAULT_VARIABLE
+from tests.server_process import ServerProcess, sse_events, wait_until
+
+MODEL = "smollm2-135m-instruct"
+ERROR_KEYS = {"message", "type", "param", "code"}
+MAX_HEALTH_SECONDS = 1.0
+# --shutdown-timeout 1 + uvicorn's 5 s margin + 10 s for the engines: the server's own bound, with room.
+EXIT_BOUND_SECONDS = 30.0
+SURROGATE_PROMPT = '"ab\\ud800cd"'   # as JSON text: a lone high surrogate between letters
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess([MODEL, "--max-model-len", "2048", "--kv-cache-space", "0.25"]).running() as process:
+        yield process
+
+
+def post_raw(server: ServerProcess, path: str, body: str) -> httpx.Response:
+    return httpx.post(server.url(path), content=body.encode(), headers={"Content-Type": "application/json"},
+                      timeout=120)
+
+
+def post(server: ServerProcess, path: str, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(server.url(path), json=body, timeout=300, **kwargs)
+
+
+class HealthPoller:
+    """GET /health in a loop on a thread; `worst` is the slowest answer's latency in seconds."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self._url = server.url("/health")
+        self._stop = threading.Event()
+        self.worst = 0.0
+        self.num_polls = 0
+        self.statuses: set[int] = set()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                self.statuses.add(client.get(self._url).status_code)
+                self.worst = max(self.worst, time.monotonic() - start)
+                self.num_polls += 1
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        wait_until(lambda: self.num_polls > 0, "a first /health answer")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def health_stays_responsive(server: ServerProcess) -> Iterator[HealthPoller]:
+    with HealthPoller(server) as poller:
+        yield poller
+    assert poller.statuses == {200}, poller.statuses
+    assert poller.worst < MAX_HEALTH_SECONDS, f"/health took {poller.worst:.2f} s"
+
+
+def assert_still_serves(server: ServerProcess) -> None:
+    response = post(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"]
+    server.wait_idle()
+
+
+def assert_openai_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS and error["code"] == status, error
+    for word in words:
+        assert word in error["message"], error
+    assert "Error:" not in error["message"] and "Traceback" not in error["message"], error
+    return error
+
+
+def assert_ollama_error(response: httpx.Response, status: int, *words: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    for word in words:
+        assert word in body["error"], body
+    return body["error"]
+
+
+# ---- lone surrogates (the request that used to kill the engine) --------------------------------
+
+def test_lone_surrogate_is_a_400_everywhere_and_the_server_keeps_serving(server):
+    with health_stays_responsive(server):
+        completion = post_raw(server, "/v1/completions", f'{{"prompt": {SURROGATE_PROMPT}, "max_tokens": 4}}')
+        assert_openai_error(completion, 400, "surrogate", "\\ud800")
+        chat = post_raw(server, "/v1/chat/completions",
+                        f'{{"messages": [{{"role": "user", "content": {SURROGATE_PROMPT}}}], "max_tokens": 4}}')
+        assert_openai_error(chat, 400, "surrogate")
+        generate = post_raw(server, "/api/generate",
+                            f'{{"model": "{MODEL}", "prompt": {SURROGATE_PROMPT}, "stream": false}}')
+        assert_ollama_error(generate, 400, "surrogate")
+        ollama_chat = post_raw(server, "/api/chat", f'{{"model": "{MODEL}", "messages": [{{"role": "user", '
+                                                    f'"content": {SURROGATE_PROMPT}}}], "stream": false}}')
+        assert_ollama_error(ollama_chat, 400, "surrogate")
+    # a surrogate pair is one character (U+1F600) and fine
+    paired = post_raw(server, "/v1/completions", '{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}')
+    assert paired.status_code == 200, paired.text
+    assert_still_serves(server)
+    server.check_log()
+
+
+# ---- injected faults ---------------------------------------------------------------------------
+
+def faulty_server(fault: str, *args: str) -> ServerProcess:
+    process = ServerProcess([MODEL, "--max-model-len", "1024", "--kv-cache-space", "0.1", *args],
+                            env={FAULT_VARIABLE: fault})
+    process.command[1:4] = ["-m", "tests.faulty_server", "serve"]
+    return process
+
+
+def test_a_fault_in_one_request_fails_only_that_request():
+    with faulty_server("detokenizer").running() as server:
+        with httpx.Client(timeout=300) as client, \
+                client.stream("POST", server.url("/v1/completions"),
+                              json={"prompt": "Count: 1, 2, 3,", "max_tokens": 40, "ignore_eos": True,
+                                    "stream": True}) as healthy:
+            lines = healthy.iter_lines()
+            assert next(lines).startswith("data: ")   # the healthy stream is running
+            whole = client.post(server.url("/v1/completions"),
+                                json={"prompt": "Hi", "max_tokens": 8, "stop": [FAULT_MARKER]})
+            error = assert_openai_error(whole, 500, "server log")
+            assert "RuntimeError" not in error["message"] and "injected" not in error["message"]
+            streamed = client.post(server.url("/v1/chat/completions"),
+                                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                                         "stop": [FAULT_MARKER], "stream": True})
+            events = sse_events(streamed)
+            assert "error" in events[-2] and events[-1] == "[DONE]", events
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and all("error" not in line for line in rest), rest[-3:]
+        assert httpx.get(server.url("/health")).status_code == 200
+        assert_still_serves(server)   # and the failed requests' blocks are free again
+        log = server.log()
+        assert log.count("injected detokenizer fault") >= 2 and "failed and was aborted" in log
+
+
+def test_when_the_engine_loop_dies_health_fails_and_the_process_exits_nonzero():
+    with faulty_server("engine-loop", "--shutdown-timeout", "1").running() as server:
+        response = post(server, "/v1/completions", {"prompt": f"Hi {FAULT_MARKER}", "max_tokens": 4})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["message"] == "the engine has stopped"
+        died = time.monotonic()
+        # until the process is gone, /health never says 200 again
+        while server.process.poll() is None and time.monotonic() - died < EXIT_BOUND_SECONDS:
+            try:
+                assert httpx.get(server.url("/health"), timeout=5).status_code >= 500
+            except httpx.TransportError:   # no longer listening
+                break
+        try:
+            code = server.process.wait(timeout=EXIT_BOUND_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server still runs {EXIT_BOUND_SECONDS} s after its engine died:\n{server.log()[-3000:]}")
+        assert code != 0, server.log()[-3000:]
+        assert "the engine loop died" in server.log()
+
