@@ -32,6 +32,13 @@ def server():
         yield process
 
 
+@pytest.fixture(scope="module")
+def trusting_server():
+    with ServerProcess([MODEL, "--max-model-len", "2048", "--kv-cache-space", "0.1",
+                        "--trust-request-chat-template"]).running() as process:
+        yield process
+
+
 def post_raw(server: ServerProcess, path: str, body: str) -> httpx.Response:
     return httpx.post(server.url(path), content=body.encode(), headers={"Content-Type": "application/json"},
                       timeout=120)
@@ -180,3 +187,102 @@ def test_when_the_engine_loop_dies_health_fails_and_the_process_exits_nonzero():
         assert code != 0, server.log()[-3000:]
         assert "the engine loop died" in server.log()
 
+
+
+# ---- malformed input is a 400, never a 500 -----------------------------------------------------
+
+def test_deeply_nested_json_is_a_400(server):
+    deep = "[" * 10_000 + "]" * 10_000
+    with health_stays_responsive(server):
+        chat = post_raw(server, "/v1/chat/completions",
+                        f'{{"messages": [{{"role": "user", "content": "hi"}}], "chat_template_kwargs": {{"x": {deep}}}}}')
+        assert_openai_error(chat, 400, "128 levels deep")
+        assert_ollama_error(post_raw(server, "/api/chat", f'{{"model": "{MODEL}", "messages": {deep}}}'), 400,
+                            "levels deep")
+        just_over = "[" * 129 + "]" * 129
+        assert_openai_error(post_raw(server, "/v1/completions", f'{{"prompt": "hi", "stop": {just_over}}}'), 400,
+                            "levels deep")
+    assert_still_serves(server)
+    server.check_log()
+
+
+def test_unknown_chat_roles_are_refused_as_openai_does(server):
+    response = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "wizard", "content": "abracadabra"}]})
+    error = assert_openai_error(response, 400, "Invalid value: 'wizard'", "'developer'")
+    assert error["param"] == "messages.[1].role" and error["type"] == "BadRequestError"
+    tokenize = post(server, "/tokenize", {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert assert_openai_error(tokenize, 400)["param"] == "messages.[0].role"
+    # the roles OpenAI keeps all render
+    for role in ("system", "developer", "user", "assistant", "tool"):
+        counted = post(server, "/tokenize", {"messages": [{"role": role, "content": "hi"},
+                                                          {"role": "user", "content": "ok"}]})
+        assert counted.status_code == 200, (role, counted.text)
+    server.check_log()
+
+
+def test_ollama_null_options_and_fields(server):
+    for body in ({"options": None}, {"options": None, "keep_alive": None, "format": None, "think": None}):
+        response = post(server, "/api/generate", {"model": MODEL, "prompt": "Hi", "stream": False, **body,
+                                                  "options": None})
+        assert response.status_code == 200, response.text
+    bad = post(server, "/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "options": {"num_predict": "many"}, "stream": False})
+    assert_ollama_error(bad, 400, "num_predict")
+    nulls = post(server, "/api/chat", {"model": MODEL, "messages": None, "stream": False})
+    assert nulls.status_code in (200, 400), nulls.text
+    server.check_log()
+
+
+# ---- request templates and big prompts: nothing unbounded on the event loop or a worker ---------
+
+UNTRUSTED = "Chat template is passed with request, but --trust-request-chat-template is not set."
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_request_chat_templates_are_refused_unless_trusted(server):
+    template = "{{ 'x' * 10**8 }}"
+    assert_openai_error(post(server, "/v1/chat/completions", {"messages": HI, "chat_template": template}), 400,
+                        UNTRUSTED)
+    assert_openai_error(post(server, "/v1/chat/completions",
+                             {"messages": HI, "chat_template_kwargs": {"chat_template": template}}), 400, UNTRUSTED)
+    assert_openai_error(post(server, "/tokenize", {"messages": HI, "chat_template": template}), 400, UNTRUSTED)
+    assert_ollama_error(post(server, "/api/generate", {"model": MODEL, "prompt": "hi", "template": template,
+                                                       "stream": False}), 400, UNTRUSTED)
+    # Ollama's own kind of template (Go) is part of its API and stays accepted
+    go = post(server, "/api/generate", {"model": MODEL, "prompt": "The capital of France is",
+                                        "template": "{{ .Prompt }}", "stream": False, "options": {"num_predict": 2}})
+    assert go.status_code == 200, go.text
+    server.check_log()
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ 'x' * 10**8 }}", ("characters",)),
+    ("{% for i in range(99999) %}{% for j in range(2000) %}{% endfor %}{% endfor %}", ("took more than",)),
+])
+def test_trusted_request_templates_are_still_bounded(trusting_server, template, words):
+    with health_stays_responsive(trusting_server):
+        response = post(trusting_server, "/v1/chat/completions", {"messages": HI, "chat_template": template})
+    assert_openai_error(response, 400, *words)
+    fine = post(trusting_server, "/v1/chat/completions", {
+        "messages": HI, "max_tokens": 2,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"})
+    assert fine.status_code == 200, fine.text
+    assert_still_serves(trusting_server)
+    trusting_server.check_log()
+
+
+def test_huge_prompts_are_refused_before_tokenizing(server):
+    huge = "hello world " * (20 * 2**20 // 12)   # 20 MB
+    with health_stays_responsive(server):
+        chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]})
+        assert_openai_error(chat, 400, "characters", "2048 tokens")
+        completion = post(server, "/v1/completions", {"prompt": huge, "max_tokens": 2})
+        assert_openai_error(completion, 400, "characters", "2048 tokens")
+        ollama = post(server, "/api/generate", {"model": MODEL, "prompt": huge, "stream": False})
+        assert_ollama_error(ollama, 400, "characters")
+    # a prompt that fits is tokenized and answered as before
+    fits = post(server, "/v1/completions", {"prompt": "hello world " * 300, "max_tokens": 2})
+    assert fits.status_code == 200, fits.text
+    assert_still_serves(server)
+    server.check_log()

@@ -31,7 +31,6 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "enable_log_requests": (bool, "requests are logged unless --disable-log-requests is given"),
     "enable_auto_tool_choice": (bool, "tool calls are not parsed yet; the model's text is returned as content"),
     "tool_call_parser": (str, "tool calls are not parsed yet; the model's text is returned as content"),
-    "trust_request_chat_template": (bool, "chat templates in requests are always accepted (rendered sandboxed)"),
     "enable_prompt_tokens_details": (bool, "usage reports cached prompt tokens whenever there are some"),
     "disable_frontend_multiprocessing": (bool, "the server and the engine share one process"),
     "max_logprobs": (int, "up to 20 logprobs per token are returned"),

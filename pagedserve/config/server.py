@@ -44,6 +44,10 @@ class ServerConfig:
         default=None, metadata={"help": "split <think>...</think> into reasoning_content",
                                 "choices": REASONING_PARSERS})
     response_role: str = field(default="assistant", metadata={"help": "role of generated chat messages"})
+    trust_request_chat_template: bool = field(
+        default=False, metadata={"help": "accept a chat template sent in a request (chat_template, Ollama's Jinja "
+                                         "'template'); refused by default, as vLLM does: a template is code the "
+                                         "server runs"})
     generation_config: str = field(
         default="auto", metadata={"help": "auto: the model's generation_config.json sets sampling defaults; "
                                           "vllm: OpenAI's defaults only", "choices": GENERATION_CONFIG_CHOICES})

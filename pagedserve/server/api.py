@@ -71,6 +71,13 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
 
+# The deepest nesting of arrays and objects a body may have: Rust's serde_json default. Real requests
+# (messages, tool schemas, chat_template_kwargs) stay far below; deeper ones would only reach the
+# recursive code after parsing (validation, templates) and fail there.
+MAX_JSON_DEPTH = 128
+_CONTAINERS = {dict, list}
+
+
 def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise APIError("missing request body", HTTPStatus.BAD_REQUEST)
@@ -78,9 +85,32 @@ def _parse_json(raw: bytes) -> Any:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise APIError(f"the request body is not valid JSON: {error}", HTTPStatus.BAD_REQUEST) from None
+    except RecursionError:   # nested deeper than the parser's recursion allows: far past the limit
+        raise _too_deep() from None
+    _check_depth(data)
     if _SURROGATE_ESCAPE.search(raw):
         _check_unicode(data)
     return data
+
+
+def _check_depth(data: Any) -> None:
+    """400 if arrays and objects nest deeper than MAX_JSON_DEPTH (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while pending:
+        value, depth = pending.pop()
+        children = list(value.values()) if isinstance(value, dict) else value
+        if not _CONTAINERS & set(map(type, children)):   # NOTE: C-speed for a long list of token ids
+            continue
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_JSON_DEPTH:
+                    raise _too_deep()
+                pending.append((child, depth + 1))
+
+
+def _too_deep() -> APIError:
+    return APIError(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+                    HTTPStatus.BAD_REQUEST)
 
 
 def _check_unicode(data: Any) -> None:

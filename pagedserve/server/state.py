@@ -151,6 +151,14 @@ class ServerState:
 
     # ---- requests -------------------------------------------------------------------------------
 
+    def check_request_template(self, chat_template: str | None, chat_template_kwargs: dict[str, Any] | None) -> None:
+        """400 for a chat template sent with a request, unless --trust-request-chat-template (vLLM's words)."""
+        if self.server_config.trust_request_chat_template:
+            return
+        if chat_template is not None or (chat_template_kwargs and chat_template_kwargs.get("chat_template") is not None):
+            raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                           "Refused request with untrusted chat template.", HTTPStatus.BAD_REQUEST)
+
     async def respond(self, model: ServedModel, handler: Callable[[float], Awaitable[Response]],
                       keep_alive: float | None = None) -> Response:
         """`handler(seconds waited for the model to load)` with the model held until its response is

@@ -84,7 +84,7 @@ async def generate(request: Request) -> Response:
 
     async def answer_generate(waited: float) -> Response:
         params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream)
-        prompt = await _generate_prompt(body, model)
+        prompt = await _generate_prompt(body, state, model)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
                    None if body.raw else _parser(state, prompt.text), with_context=not body.raw)
         return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
@@ -184,9 +184,12 @@ def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedMo
     return params.replace(max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
 
 
-async def _generate_prompt(body: GenerateBody, model: ServedModel) -> ChatPrompt:
+async def _generate_prompt(body: GenerateBody, state: ServerState, model: ServedModel) -> ChatPrompt:
     """Raw: the prompt as is. Otherwise the prompt as a user message through the chat template (the
-    request's `template` if it gives one), after the system prompt and the model's opening messages."""
+    request's `template` if it gives one), after the system prompt and the model's opening messages.
+
+    A Go template (Ollama's kind: no arithmetic, loops only over the request's data) is always taken;
+    a Jinja one only with --trust-request-chat-template."""
     client = model.engine
     if body.raw:
         return ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
@@ -198,6 +201,8 @@ async def _generate_prompt(body: GenerateBody, model: ServedModel) -> ChatPrompt
     messages.append({"role": "user", "content": body.prompt})
     template = None
     if body.template:
+        if not is_go_template(body.template):
+            state.check_request_template(body.template, None)
         template = translate_go_template(body.template) if is_go_template(body.template) else body.template
     try:
         prompt = await client.render_chat(messages, ChatOptions(chat_template=template, with_model_defaults=False))

@@ -39,6 +39,7 @@ class _Chat:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState,
                                  model: ServedModel) -> Response:
     body.check_supported()
+    state.check_request_template(body.chat_template, body.chat_template_kwargs)
     client = model.engine
     params = body.to_sampling_params(client.sampling_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
