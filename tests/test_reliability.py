@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -286,3 +287,61 @@ def test_huge_prompts_are_refused_before_tokenizing(server):
     assert fits.status_code == 200, fits.text
     assert_still_serves(server)
     server.check_log()
+
+
+# ---- load shedding -------------------------------------------------------------------------------
+
+REJECTED = 'pagedserve:requests_rejected_total{model_name="smollm2-135m-instruct",reason="%s"}'
+SUCCEEDED = 'vllm:request_success_total{finished_reason="length",model_name="smollm2-135m-instruct"}'
+
+
+@pytest.fixture(scope="module")
+def small_queue_server():
+    with ServerProcess([MODEL, "--max-model-len", "1024", "--kv-cache-space", "0.1", "--max-num-seqs", "1",
+                        "--max-waiting-requests", "2", "--max-queue-time", "4"]).running() as process:
+        yield process
+
+
+def test_excess_requests_get_503_with_retry_after_and_admitted_ones_finish(small_queue_server):
+    server = small_queue_server
+    before = (server.metric(REJECTED % "queue_full"), server.metric(SUCCEEDED))
+    body = {"prompt": "Count: 1, 2,", "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda _: post(server, "/v1/completions", body), range(10)))
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            error = assert_openai_error(response, 503, "server busy")
+            assert error["type"] == "ServiceUnavailableError"
+            assert int(response.headers["retry-after"]) > 0
+        else:   # nothing admitted is lost: each answer is whole
+            assert response.json()["usage"]["completion_tokens"] == 6
+    num_ok, num_refused = statuses.count(200), statuses.count(503)
+    server.wait_for_metrics({REJECTED % "queue_full": before[0] + num_refused, SUCCEEDED: before[1] + num_ok})
+    # and Ollama's clients see Ollama's shape
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(server, "/api/generate", {
+            "model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 6}}), range(8)))
+    refused = [answer for answer in answers if answer.status_code == 503]
+    assert refused and all(answer.status_code == 200 for answer in answers if answer not in refused)
+    assert_ollama_error(refused[0], 503, "server busy")
+    server.wait_idle()
+
+
+def test_a_request_waiting_too_long_gets_503(small_queue_server):
+    server = small_queue_server
+    timeouts_before = server.metric(REJECTED % "queue_timeout")
+    with httpx.Client(timeout=120) as client, client.stream(
+            "POST", server.url("/v1/completions"),
+            json={"prompt": "Count: 1, 2,", "max_tokens": 400, "ignore_eos": True, "stream": True}) as long:
+        lines = long.iter_lines()
+        assert next(lines).startswith("data: ")
+        waited = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert_openai_error(waited, 503, "waited more than 4 s")
+        assert waited.headers["retry-after"]
+        more = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert more and all("error" not in line for line in more)   # the running one is untouched
+    assert server.metric(REJECTED % "queue_timeout") == timeouts_before + 1
+    assert "waited more than 4 s for a place in the batch" in server.log()
+    server.wait_idle()

@@ -55,6 +55,12 @@ class ServerConfig:
         default=None, metadata={"help": "JSON object of sampling defaults over the model's, e.g. "
                                         "'{\"temperature\": 0.6, \"max_new_tokens\": 1024}'"})
     max_request_body_bytes: int = field(default=32 * 2**20, metadata={"help": "largest request body (e.g. 32M)"})
+    max_waiting_requests: int | None = field(
+        default=512, metadata={"help": "requests per model that may wait for a place in the running batch; more get "
+                                       "503 with Retry-After (Ollama's OLLAMA_MAX_QUEUE, same default)"})
+    max_queue_time: float | None = field(
+        default=None, metadata={"help": "seconds a request may wait for a place in the running batch before it "
+                                        "fails with 503 and Retry-After (default: no limit)"})
     shutdown_timeout: float = field(
         default=5.0, metadata={"help": "seconds in-flight requests get to finish after SIGTERM/SIGINT"})
     lazy_load: bool = field(default=False, metadata={"help": "load each model on its first request, not at start-up"})
@@ -93,6 +99,10 @@ class ServerConfig:
             raise ValueError(f"max_log_len must be non-negative, got {self.max_log_len}")
         if self.max_request_body_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be positive, got {self.max_waiting_requests}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ValueError(f"max_queue_time must be positive, got {self.max_queue_time}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
         if self.keep_alive is not None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,33 @@ DeathHook = Callable[[BaseException], None]
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too busy for this request now (the queue is full, or it waited too long); retry later."""
+
+    def __init__(self, message: str, reason: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.reason = reason             # "queue_full" or "queue_timeout"
+        self.retry_after = retry_after   # seconds
+
+
+# Called with the reason each time a request is refused or dropped for load (EngineOverloadedError).
+RejectHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How many requests may wait for a place in the running batch, and for how long."""
+
+    max_waiting: int | None = None        # beyond it new requests are refused; None: no limit
+    max_queue_time: float | None = None   # seconds; a request waiting longer fails; None: no limit
+
+    def __post_init__(self) -> None:
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting_requests must be positive, got {self.max_waiting}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ValueError(f"max_queue_time must be positive, got {self.max_queue_time}")
 
 
 class RequestFailedError(RuntimeError):
@@ -96,10 +124,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_dead: DeathHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_dead: DeathHook | None = None,
+                 max_queue_time: float | None = None, on_reject: RejectHook | None = None) -> None:
         self.engine = engine
         self._on_step = on_step
         self._on_dead = on_dead
+        self._max_queue_time = max_queue_time
+        self._on_reject = on_reject
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stopping = threading.Event()
@@ -113,6 +144,12 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set() and self.death is None
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests the engine holds that wait for a place in the running batch (read off its thread:
+        a length, so at worst a step old)."""
+        return len(self.engine.scheduler.waiting)
 
     async def add_request(self, request: EngineRequest) -> RequestStream:
         """Queue a checked request; returns its output stream once the engine accepted it.
@@ -150,6 +187,8 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
+            if self._max_queue_time is not None:
+                self._drop_waiting_too_long(self._max_queue_time)
             if not self.engine.has_unfinished_requests():
                 self._report([])
                 continue
@@ -167,6 +206,19 @@ class AsyncEngine:
                         del self._streams[output.request_id]
             self._fail_requests(self.engine.take_failures())
             self._report(outputs)
+
+    def _drop_waiting_too_long(self, seconds: float) -> None:
+        for request_id in self.engine.requests_waiting_longer_than(seconds, time.time()):
+            logger.warning("request %s waited more than %g s for a place in the batch (--max-queue-time); aborted",
+                           request_id, seconds)
+            self.engine.abort_request(request_id)
+            if self._on_reject is not None:
+                self._on_reject("queue_timeout")
+            request = self._streams.pop(request_id, None)
+            if request is not None:
+                request.put(EngineOverloadedError(
+                    f"server busy, please try again: the request waited more than {seconds:g} s to be scheduled",
+                    "queue_timeout"))
 
     def _fail_requests(self, failures: dict[str, Exception]) -> None:
         for request_id, error in failures.items():

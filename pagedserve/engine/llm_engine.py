@@ -156,6 +156,11 @@ class LLMEngine:
         failures, self._failures = self._failures, {}
         return failures
 
+    def requests_waiting_longer_than(self, seconds: float, now: float) -> list[str]:
+        """Requests never scheduled that arrived more than `seconds` before `now` (Unix time)."""
+        return [request_id for request_id, request in self._requests.items()
+                if request.metrics.first_scheduled_time is None and now - request.metrics.arrival_time > seconds]
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

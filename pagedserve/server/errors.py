@@ -23,12 +23,13 @@ class APIError(Exception):
     """An error to send to the client as is."""
 
     def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, param: str | None = None,
-                 error_type: str | None = None) -> None:
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = int(status)
         self.param = param
         self.error_type = error_type or error_type_for(self.status)
+        self.headers = headers
 
     def to_dict(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.error_type)
@@ -36,7 +37,7 @@ class APIError(Exception):
     def to_response(self, request: Request | None = None) -> JSONResponse:
         """OpenAI's shape; Ollama's (`{"error": "message"}`) for a request to the Ollama API."""
         body = {"error": self.message} if request is not None and is_ollama_path(request) else self.to_dict()
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def is_ollama_path(request: Request) -> bool:
@@ -64,10 +65,12 @@ def from_exception(error: BaseException) -> APIError:
 
     A fault of ours is a 500 whose message names no exception, file or path: those go to the log.
     """
-    from pagedserve.engine.async_engine import EngineDeadError, RequestFailedError
+    from pagedserve.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
 
     if isinstance(error, APIError):
         return error
+    if isinstance(error, EngineOverloadedError):
+        return APIError(str(error), HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, EngineDeadError):
         return APIError(str(error), HTTPStatus.SERVICE_UNAVAILABLE)
     if isinstance(error, RequestFailedError):   # the engine logged the cause

@@ -88,6 +88,7 @@ class ServedModel:
         return time.perf_counter() - start
 
     def _build(self, metrics: EngineMetrics, loop: asyncio.AbstractEventLoop) -> EngineClient:
+        from pagedserve.engine.async_engine import QueueLimits
         from pagedserve.engine.engine_client import EngineClient   # NOTE: here, so torch loads after the server listens
 
         def on_dead(error: BaseException) -> None:   # on the dead loop's thread
@@ -100,7 +101,10 @@ class ServedModel:
         return EngineClient.start(self.engine_config, self.defaults,
                                   sampling_overrides=server_config.generation_overrides,
                                   use_generation_config=server_config.generation_config == "auto",
-                                  on_step=metrics.on_step, on_dead=on_dead)
+                                  on_step=metrics.on_step, on_dead=on_dead,
+                                  queue_limits=QueueLimits(server_config.max_waiting_requests,
+                                                           server_config.max_queue_time),
+                                  on_reject=metrics.record_rejected)
 
     def _engine_died(self, error: BaseException) -> None:
         if self._on_engine_dead is not None:
