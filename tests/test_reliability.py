@@ -6,6 +6,8 @@ Faults are injected into a server process through tests/faulty_server.py.
 """
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import threading
 import time
@@ -296,14 +298,17 @@ SUCCEEDED = 'vllm:request_success_total{finished_reason="length",model_name="smo
 
 
 @pytest.fixture(scope="module")
-def small_queue_server():
+def strict_server():
+    """Small limits everywhere, so each can be reached quickly."""
     with ServerProcess([MODEL, "--max-model-len", "1024", "--kv-cache-space", "0.1", "--max-num-seqs", "1",
-                        "--max-waiting-requests", "2", "--max-queue-time", "4"]).running() as process:
+                        "--max-waiting-requests", "2", "--max-queue-time", "4", "--timeout-request-header", "2",
+                        "--timeout-keep-alive", "1", "--timeout-request-body", "2", "--default-max-tokens", "12",
+                        "--allowed-origins", "https://ui.example", "--allow-credentials"]).running() as process:
         yield process
 
 
-def test_excess_requests_get_503_with_retry_after_and_admitted_ones_finish(small_queue_server):
-    server = small_queue_server
+def test_excess_requests_get_503_with_retry_after_and_admitted_ones_finish(strict_server):
+    server = strict_server
     before = (server.metric(REJECTED % "queue_full"), server.metric(SUCCEEDED))
     body = {"prompt": "Count: 1, 2,", "max_tokens": 6, "ignore_eos": True, "temperature": 0}
     with ThreadPoolExecutor(10) as pool:
@@ -329,8 +334,8 @@ def test_excess_requests_get_503_with_retry_after_and_admitted_ones_finish(small
     server.wait_idle()
 
 
-def test_a_request_waiting_too_long_gets_503(small_queue_server):
-    server = small_queue_server
+def test_a_request_waiting_too_long_gets_503(strict_server):
+    server = strict_server
     timeouts_before = server.metric(REJECTED % "queue_timeout")
     with httpx.Client(timeout=120) as client, client.stream(
             "POST", server.url("/v1/completions"),
@@ -345,3 +350,105 @@ def test_a_request_waiting_too_long_gets_503(small_queue_server):
     assert server.metric(REJECTED % "queue_timeout") == timeouts_before + 1
     assert "waited more than 4 s for a place in the batch" in server.log()
     server.wait_idle()
+
+
+# ---- safe defaults ----------------------------------------------------------------------------------
+
+def preflight(server: ServerProcess, origin: str) -> httpx.Response:
+    return httpx.options(server.url("/v1/chat/completions"), headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+
+
+def test_cors_allows_localhost_by_default_and_credentials_only_for_listed_origins(server, strict_server):
+    for origin in ("http://localhost:3000", "http://127.0.0.1:8080", "https://localhost"):
+        allowed = preflight(server, origin)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        assert "access-control-allow-credentials" not in allowed.headers
+    for origin in ("https://evil.example", "http://localhost.evil.example"):
+        refused = preflight(server, origin)
+        assert "access-control-allow-origin" not in refused.headers, refused.headers
+        simple = httpx.get(server.url("/v1/models"), headers={"Origin": origin})
+        assert "access-control-allow-origin" not in simple.headers
+    listed = preflight(strict_server, "https://ui.example")
+    assert listed.headers["access-control-allow-origin"] == "https://ui.example"
+    assert listed.headers["access-control-allow-credentials"] == "true"
+    assert "access-control-allow-origin" not in preflight(strict_server, "https://evil.example").headers
+
+
+def test_credentials_need_an_explicit_origin_list():
+    result = subprocess.run([*ServerProcess([MODEL]).command, "--allow-credentials", "--allowed-origins", "*"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "explicit allowed_origins list" in result.stdout + result.stderr
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 15.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    sock.settimeout(timeout)
+    start, received = time.monotonic(), b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received, time.monotonic() - start
+
+
+def test_connections_that_send_nothing_or_slowly_are_closed(strict_server):
+    address = ("127.0.0.1", strict_server.port)
+    with socket.create_connection(address) as silent:
+        received, seconds = read_until_closed(silent)
+    assert received.startswith(b"HTTP/1.1 408") and seconds < 10
+    with socket.create_connection(address) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
+        slow.settimeout(0.5)
+        start, received = time.monotonic(), b""
+        for byte in b"Host: 127.0.0.1\r\nX-Slow: " + b"a" * 100:   # a byte every 0.5 s, never finishing
+            try:
+                slow.sendall(bytes([byte]))
+                received += slow.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:   # closed while sending
+                break
+            if not received or received.endswith(b"\n"):
+                break
+        assert time.monotonic() - start < 10
+    assert received.startswith(b"HTTP/1.1 408"), received
+    with socket.create_connection(address) as kept:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        received, seconds = read_until_closed(kept)
+    assert received.startswith(b"HTTP/1.1 200") and seconds < 10   # closed by the 1 s keep-alive timeout
+    with socket.create_connection(address) as half_body:
+        half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        received, seconds = read_until_closed(half_body)
+    assert received.startswith(b"HTTP/1.1 408") and b"timeout-request-body" in received and seconds < 10
+    assert httpx.get(strict_server.url("/health")).status_code == 200
+    strict_server.check_log()
+
+
+def test_requests_without_a_limit_get_the_default_output_cap(strict_server):
+    chat = post(strict_server, "/v1/chat/completions", {"messages": HI, "ignore_eos": True})
+    assert chat.json()["usage"]["completion_tokens"] == 12
+    asked = post(strict_server, "/v1/chat/completions", {"messages": HI, "ignore_eos": True, "max_tokens": 20})
+    assert asked.json()["usage"]["completion_tokens"] == 20   # a request may still ask for more
+    for options in (None, {}):
+        ollama = post(strict_server, "/api/generate", {"model": MODEL, "prompt": "Count: 1, 2, 3,", "raw": True,
+                                                       "stream": False, "options": options})
+        assert ollama.status_code == 200 and ollama.json()["eval_count"] <= 12, ollama.text
+    helped = subprocess.run([*ServerProcess([]).command[:4], "--help"], capture_output=True, text=True, timeout=120)
+    assert "--default-max-tokens" in helped.stdout and "--max-waiting-requests" in helped.stdout
+    strict_server.wait_idle()
+
+
+def test_refusals_and_aborts_are_logged_with_reason_and_request_id(server):
+    refused = post(server, "/v1/chat/completions", {"messages": HI, "temperature": "hot"},
+                   headers={"X-Request-Id": "trace-4711"})
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "trace-4711"
+    logged = server.wait_for_log("Request trace-4711 (POST /v1/chat/completions) answered 400: temperature")
+    assert "Traceback" not in logged
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", server.url("/v1/completions"),
+            json={"prompt": "Count: 1, 2,", "max_tokens": 300, "ignore_eos": True, "stream": True}) as stream:
+        first = next(stream.iter_lines())
+    request_id = json.loads(first.removeprefix("data: "))["id"]
+    server.wait_for_log(f"Aborted request {request_id}-0: the client disconnected")
+    server.wait_idle()
+    server.check_log()

@@ -46,13 +46,16 @@ class EngineClient:
     def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
               sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
               on_step: StepHook | None = None, on_dead: DeathHook | None = None,
-              queue_limits: QueueLimits = QueueLimits(), on_reject: RejectHook | None = None) -> EngineClient:
+              queue_limits: QueueLimits = QueueLimits(), on_reject: RejectHook | None = None,
+              default_max_tokens: int | None = None) -> EngineClient:
         """Load the model (blocking: call it off the event loop) and start its step loop. `on_dead(error)`
         is called on the loop's thread if the loop ever ends other than by shutdown(); `on_reject(reason)`
-        for each request refused or dropped by `queue_limits`."""
+        for each request refused or dropped by `queue_limits`. `default_max_tokens`: the output cap of
+        requests that set none (None: up to the context)."""
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
-                                              use_generation_config=use_generation_config)
+                                              use_generation_config=use_generation_config,
+                                              default_max_tokens=default_max_tokens)
         return cls(engine, processor, on_step, on_dead, queue_limits, on_reject)
 
     # ---- what the model is ----------------------------------------------------------------------

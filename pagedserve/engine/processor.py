@@ -85,16 +85,18 @@ class ModelLimits:
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, limits: ModelLimits, model_defaults: ModelDefaults,
-                 defaults: SamplingDefaults) -> None:
+                 defaults: SamplingDefaults, default_max_tokens: int | None = None) -> None:
+        """`default_max_tokens`: the output cap of a request that sets none (None: up to the context)."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_defaults = model_defaults
         self.sampling_defaults = defaults
+        self.default_max_tokens = default_max_tokens
 
     @classmethod
     def for_engine(cls, engine: Any, model_defaults: ModelDefaults = ModelDefaults(), *,
                    sampling_overrides: Mapping[str, Any] | None = None,
-                   use_generation_config: bool = True) -> InputProcessor:
+                   use_generation_config: bool = True, default_max_tokens: int | None = None) -> InputProcessor:
         """The processor for a loaded LLMEngine, with the created model's defaults (if any) over the
         checkpoint's generation_config.json, and `sampling_overrides` over both."""
         defaults = sampling_defaults(engine.generation_config, model_defaults, sampling_overrides,
@@ -103,7 +105,7 @@ class InputProcessor:
             logger.info("%s: sampling defaults for fields a request leaves out: %s", engine.config.model,
                         dict(defaults.values))
         limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs)
-        return cls(engine.tokenizer, limits, model_defaults, defaults)
+        return cls(engine.tokenizer, limits, model_defaults, defaults, default_max_tokens)
 
     # ---- text <-> tokens ------------------------------------------------------------------------
 
@@ -189,7 +191,8 @@ class InputProcessor:
                              f"prompt has {num_prompt} tokens, which leaves no room for output. Please reduce the "
                              f"length of the prompt.")
         if params.max_tokens is None:
-            return max_model_len - num_prompt
+            room = max_model_len - num_prompt
+            return room if self.default_max_tokens is None else min(room, self.default_max_tokens)
         if num_prompt + params.max_tokens > max_model_len:
             raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                              f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "

@@ -6,6 +6,7 @@ a 400 in OpenAI's error shape (FastAPI would answer 422 in its own).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -42,8 +43,10 @@ async def verify_api_key(request: Request) -> None:
 
 
 async def read_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as `model`: 413 over the size limit, 400 when it is not valid JSON or not valid."""
-    data = _parse_json(await _read_limited(request, server_state(request).server_config.max_request_body_bytes))
+    """The JSON body as `model`: 413 over the size limit, 408 when it stops arriving, 400 when it is not
+    valid JSON or not valid."""
+    config = server_state(request).server_config
+    data = _parse_json(await _read_limited(request, config.max_request_body_bytes, config.timeout_request_body))
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -51,14 +54,22 @@ async def read_body(request: Request, model: type[Body]) -> Body:
         raise APIError(message, HTTPStatus.BAD_REQUEST, param) from None
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int, idle_timeout: float) -> bytes:
     too_large = APIError(f"the request body is larger than the limit of {limit} bytes (--max-request-body-bytes)",
                          HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise APIError(f"no part of the request body arrived for {idle_timeout:g} s (--timeout-request-body)",
+                           HTTPStatus.REQUEST_TIMEOUT) from None
         size += len(chunk)
         if size > limit:
             raise too_large

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -105,19 +106,31 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "; ".join(messages) or "invalid request", param
 
 
+def _logged(request: Request, error: APIError) -> JSONResponse:
+    """The error's response, after one log line with its reason and the request's id (the client's
+    X-Request-Id, else a new one, sent back in that header)."""
+    request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+    level = logging.WARNING if error.status >= HTTPStatus.INTERNAL_SERVER_ERROR else logging.INFO
+    logger.log(level, "Request %s (%s %s) answered %d: %s", request_id, request.method, request.url.path,
+               error.status, error.message)
+    response = error.to_response(request)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return error.to_response(request)
+    return _logged(request, error)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message, param = validation_message(list(error.errors()))
-    return APIError(message, HTTPStatus.BAD_REQUEST, param).to_response(request)
+    return _logged(request, APIError(message, HTTPStatus.BAD_REQUEST, param))
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    body = {"error": str(error.detail)} if is_ollama_path(request) else error_body(str(error.detail), error.status_code)
-    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+    api_error = APIError(str(error.detail), error.status_code, headers=getattr(error, "headers", None))
+    return _logged(request, api_error)
 
 
 async def _known_error(request: Request, error: Exception) -> JSONResponse:
-    return from_exception(error).to_response(request)
+    return _logged(request, from_exception(error))

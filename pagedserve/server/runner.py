@@ -16,6 +16,7 @@ from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
 from pagedserve.config.duration import format_duration
 from pagedserve.server.app import create_app
+from pagedserve.server.connections import HeaderTimeoutProtocol
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
@@ -78,6 +79,8 @@ def run_server(server_config: ServerConfig, engine_config: EngineConfig,
         app, host=server_config.host, port=server_config.port, log_config=None,
         log_level=server_config.uvicorn_log_level, access_log=not server_config.disable_uvicorn_access_log,
         ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        http=HeaderTimeoutProtocol.factory(server_config.timeout_request_header),  # type: ignore[arg-type]
+        timeout_keep_alive=server_config.timeout_keep_alive,
         timeout_graceful_shutdown=int(server_config.shutdown_timeout + _SHUTDOWN_MARGIN_SECONDS))
     server = _Server(config, app.state.server)
     holder.append(server)

@@ -104,7 +104,8 @@ class ServedModel:
                                   on_step=metrics.on_step, on_dead=on_dead,
                                   queue_limits=QueueLimits(server_config.max_waiting_requests,
                                                            server_config.max_queue_time),
-                                  on_reject=metrics.record_rejected)
+                                  on_reject=metrics.record_rejected,
+                                  default_max_tokens=server_config.default_max_tokens or None)
 
     def _engine_died(self, error: BaseException) -> None:
         if self._on_engine_dead is not None:

@@ -242,7 +242,12 @@ class RequestTracker:
         self._model = model
         self._streams = streams
         self.completed = False
+        self.failure: str | None = None   # why it ended early, when not because the client left
         self._is_closed = False
+
+    def fail(self, error: BaseException) -> None:
+        """The request ended with `error` (for the log line; the client got it as an answer or an event)."""
+        self.failure = f"{type(error).__name__}: {error}"
 
     def close(self) -> None:
         if self._is_closed:
@@ -251,6 +256,8 @@ class RequestTracker:
         self._state.num_in_flight -= 1
         if not self.completed:
             self._model.metrics.record_aborted()
+            request_ids = ", ".join(stream.request_id for stream in self._streams)
+            logger.info("Aborted request %s: %s", request_ids, self.failure or "the client disconnected")
         for stream in self._streams:
             stream.abort()
 

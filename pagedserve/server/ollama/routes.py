@@ -61,7 +61,8 @@ async def chat(request: Request) -> Response:
 
     async def answer_chat(waited: float) -> Response:
         client = model.engine
-        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream)
+        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
         prompt = await client.render_chat(body.messages, ChatOptions(tools=body.tools))
         run = _Run(random_id("chat"), body.model or body.name, start, waited, True, _parser(state, prompt.text))
         return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
@@ -83,7 +84,8 @@ async def generate(request: Request) -> Response:
         return await _load_or_unload(state, model, body, keep_alive, start)
 
     async def answer_generate(waited: float) -> Response:
-        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream)
+        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
         prompt = await _generate_prompt(body, state, model)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
                    None if body.raw else _parser(state, prompt.text), with_context=not body.raw)
@@ -161,6 +163,7 @@ async def _stream(run: _Run, engine_stream: Any, state: ServerState, tracker: Re
         state.log_finished(run.request_id, [output])
         yield _line(run.last(output))
     except Exception as error:   # noqa: BLE001 - after the first line, errors can only travel as lines
+        tracker.fail(error)
         yield _line({"error": from_exception(error).message})
 
 

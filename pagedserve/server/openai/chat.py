@@ -129,6 +129,7 @@ async def _stream_chat(chat: _Chat, stream: Any, state: ServerState,
             yield sse(ChatCompletionChunk(id=chat.request_id, object="chat.completion.chunk", created=chat.created,
                                           model=chat.model, choices=[], usage=usage))
     except Exception as error:   # noqa: BLE001 - after the first byte, errors can only travel as events
+        tracker.fail(error)
         yield sse_error(error)
     yield DONE
 
