@@ -26,7 +26,7 @@ def broken_ggufs(smollm2_path, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("name, cause", [
-    ("bad-magic", "not a GGUF file (it starts with b'GGFU', not the magic b'GGUF')"),
+    ("bad-magic", "not a valid GGUF file (it starts with b'GGFU', not the magic b'GGUF')"),
     ("truncated", "it is truncated, or a length or offset in its header is corrupt"),
     ("cut-header", "but its header needs bytes up to"),
 ])

@@ -111,7 +111,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
         with path.open("rb") as file:
             magic = file.read(len(_GGUF_MAGIC))
         if magic != _GGUF_MAGIC:
-            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not the magic {_GGUF_MAGIC!r})")
+            raise ValueError(f"{path}: not a valid GGUF file (it starts with {magic!r}, not the magic {_GGUF_MAGIC!r})")
         reader = _Reader(path)
         metadata = {key: field_.contents() for key, field_ in reader.fields.items()}
     except OSError as error:
