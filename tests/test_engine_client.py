@@ -184,3 +184,17 @@ def test_a_dead_loop_fails_every_stream_refuses_requests_and_says_so(tiny_llama_
         asyncio.run(run())
     finally:
         dying.shutdown()
+
+
+def test_the_offline_llm_raises_a_requests_failure(tiny_llama_dir, monkeypatch):
+    from pagedserve.engine import detokenizer
+    from pagedserve.engine.llm import LLM
+
+    def add_token(self, token_id):
+        raise RuntimeError("injected detokenizer failure")
+
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, max_model_len=128, num_threads=1)
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_token", add_token)
+    with pytest.raises(RuntimeError, match="injected detokenizer failure"):
+        llm.generate("alpha", SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()
