@@ -29,7 +29,6 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "use_v2_block_manager": (bool, "there is one block manager"),
     "guided_decoding_backend": (str, "structured output always uses xgrammar"),
     "enable_log_requests": (bool, "requests are logged unless --disable-log-requests is given"),
-    "trust_request_chat_template": (bool, "chat templates in requests are always accepted (rendered sandboxed)"),
     "enable_prompt_tokens_details": (bool, "usage reports cached prompt tokens whenever there are some"),
     "disable_frontend_multiprocessing": (bool, "the server and the engine share one process"),
     "max_logprobs": (int, "up to 20 logprobs per token are returned"),

@@ -26,10 +26,15 @@ class ServerConfig:
     api_key: tuple[str, ...] = field(
         default=(), repr=False, metadata={"help": "key(s) clients must send as 'Authorization: Bearer KEY' "
                                       "(default: none, the API is open)"})
-    allowed_origins: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS origins, e.g. '[\"*\"]'"})
+    allowed_origins: tuple[str, ...] = field(
+        default=(), metadata={"help": "CORS origins browsers may call from, beside localhost ones (always allowed, "
+                                      "as Ollama does), e.g. https://ui.example or '[\"*\"]' for any; '*' may "
+                                      "stand for part of one (https://*.example)"})
     allowed_methods: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS methods"})
     allowed_headers: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS headers"})
-    allow_credentials: bool = field(default=False, metadata={"help": "CORS: allow credentials"})
+    allow_credentials: bool = field(
+        default=False, metadata={"help": "CORS: allow credentials (cookies, auth headers) from the origins of an "
+                                         "explicit --allowed-origins list, never from any origin ('*')"})
     ssl_keyfile: str | None = field(default=None, metadata={"help": "TLS private key file"})
     ssl_certfile: str | None = field(default=None, metadata={"help": "TLS certificate file"})
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn's log level",
@@ -54,6 +59,10 @@ class ServerConfig:
         default=None, metadata={"help": "JSON object of chat template variables for every chat request (a "
                                         "request's chat_template_kwargs win), e.g. '{\"enable_thinking\": false}'"})
     response_role: str = field(default="assistant", metadata={"help": "role of generated chat messages"})
+    trust_request_chat_template: bool = field(
+        default=False, metadata={"help": "accept a chat template sent in a request (chat_template, Ollama's Jinja "
+                                         "'template'); refused by default, as vLLM does: a template is code the "
+                                         "server runs"})
     generation_config: str = field(
         default="auto", metadata={"help": "auto: the model's generation_config.json sets sampling defaults; "
                                           "vllm: OpenAI's defaults only", "choices": GENERATION_CONFIG_CHOICES})
@@ -61,6 +70,23 @@ class ServerConfig:
         default=None, metadata={"help": "JSON object of sampling defaults over the model's, e.g. "
                                         "'{\"temperature\": 0.6, \"max_new_tokens\": 1024}'"})
     max_request_body_bytes: int = field(default=32 * 2**20, metadata={"help": "largest request body (e.g. 32M)"})
+    max_waiting_requests: int | None = field(
+        default=512, metadata={"help": "requests per model that may wait for a place in the running batch; more get "
+                                       "503 with Retry-After (Ollama's OLLAMA_MAX_QUEUE, same default)"})
+    max_queue_time: float | None = field(
+        default=None, metadata={"help": "seconds a request may wait for a place in the running batch before it "
+                                        "fails with 503 and Retry-After (default: no limit)"})
+    default_max_tokens: int = field(
+        default=4096, metadata={"help": "output tokens for a request that sets no limit (no max_tokens or "
+                                        "num_predict, no model default); a request may still ask for up to the "
+                                        "context; 0: up to the context, as vLLM"})
+    timeout_keep_alive: int = field(
+        default=5, metadata={"help": "seconds an idle keep-alive connection stays open (uvicorn's, vLLM's default)"})
+    timeout_request_header: float = field(
+        default=30.0, metadata={"help": "seconds a client has to send a request's headers, from connecting or "
+                                        "from its first byte; then the connection is closed (no slow senders)"})
+    timeout_request_body: float = field(
+        default=30.0, metadata={"help": "seconds a request body may go without a byte arriving; then 408"})
     shutdown_timeout: float = field(
         default=5.0, metadata={"help": "seconds in-flight requests get to finish after SIGTERM/SIGINT"})
     lazy_load: bool = field(default=False, metadata={"help": "load each model on its first request, not at start-up"})
@@ -111,6 +137,18 @@ class ServerConfig:
             raise ValueError(f"max_log_len must be non-negative, got {self.max_log_len}")
         if self.max_request_body_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be positive, got {self.max_waiting_requests}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ValueError(f"max_queue_time must be positive, got {self.max_queue_time}")
+        if self.allow_credentials and (not self.allowed_origins or "*" in self.allowed_origins):
+            raise ValueError("allow_credentials needs an explicit allowed_origins list (not '*'): a browser would "
+                             "send any site's visitors' credentials otherwise")
+        if self.default_max_tokens < 0:
+            raise ValueError(f"default_max_tokens must be 0 (no cap) or positive, got {self.default_max_tokens}")
+        for name in ("timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
         if self.keep_alive is not None:

@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
+from pagedserve.engine.async_engine import (AsyncEngine, DeathHook, EngineOverloadedError, QueueLimits,
+                                            RejectHook, RequestStream, StepHook)
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
 from pagedserve.pooling_params import PoolingParams
@@ -30,10 +31,15 @@ _NUM_PROCESSOR_THREADS = 2
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None,
+                 on_dead: DeathHook | None = None, queue_limits: QueueLimits = QueueLimits(),
+                 on_reject: RejectHook | None = None) -> None:
         self.model_info: ModelInfo = engine.model_info()
         self._processor = processor
-        self._core = AsyncEngine(engine, on_step)
+        self._core = AsyncEngine(engine, on_step, on_dead, queue_limits.max_queue_time, on_reject)
+        self._max_waiting = queue_limits.max_waiting
+        self._on_reject = on_reject
+        self._num_preparing = 0   # requests past the queue check, not yet in the engine (event loop only)
         self._stats = engine.stats
         self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
         self._ids = itertools.count()
@@ -41,12 +47,18 @@ class EngineClient:
     @classmethod
     def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
               sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
-              on_step: StepHook | None = None) -> EngineClient:
-        """Load the model (blocking: call it off the event loop) and start its step loop."""
+              on_step: StepHook | None = None, on_dead: DeathHook | None = None,
+              queue_limits: QueueLimits = QueueLimits(), on_reject: RejectHook | None = None,
+              default_max_tokens: int | None = None) -> EngineClient:
+        """Load the model (blocking: call it off the event loop) and start its step loop. `on_dead(error)`
+        is called on the loop's thread if the loop ever ends other than by shutdown(); `on_reject(reason)`
+        for each request refused or dropped by `queue_limits`. `default_max_tokens`: the output cap of
+        requests that set none (None: up to the context)."""
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
-                                              use_generation_config=use_generation_config)
-        return cls(engine, processor, on_step)
+                                              use_generation_config=use_generation_config,
+                                              default_max_tokens=default_max_tokens)
+        return cls(engine, processor, on_step, on_dead, queue_limits, on_reject)
 
     # ---- what the model is ----------------------------------------------------------------------
 
@@ -68,6 +80,11 @@ class EngineClient:
     @property
     def is_running(self) -> bool:
         return self._core.is_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted that do not run yet: being prepared, or waiting in the engine."""
+        return self._num_preparing + self._core.num_waiting
 
     # ---- preparing requests (worker threads) ----------------------------------------------------
 
@@ -95,14 +112,24 @@ class EngineClient:
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        add_special_tokens: bool = True) -> RequestStream:
         """Check and queue one request; its outputs arrive on the returned stream. Raises ValueError
-        (nothing queued) for a request the model cannot serve."""
+        (nothing queued) for a request the model cannot serve, EngineOverloadedError when as many
+        requests wait already as the queue limits allow."""
         request_id = request_id or f"req-{next(self._ids)}"
-        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens, None,
-                                  False)
-        if params.structured_outputs is not None:
-            grammar = await self._processor.grammars.compile_async(params.structured_outputs)
-            request = dataclasses.replace(request, grammar=grammar)
-        return await self._core.add_request(request)
+        if self._max_waiting is not None and self.num_waiting >= self._max_waiting:
+            if self._on_reject is not None:
+                self._on_reject("queue_full")
+            raise EngineOverloadedError("server busy, please try again. maximum pending requests exceeded "
+                                        f"({self._max_waiting} wait already)", "queue_full")
+        self._num_preparing += 1
+        try:
+            request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens,
+                                      None, False)
+            if params.structured_outputs is not None:
+                grammar = await self._processor.grammars.compile_async(params.structured_outputs)
+                request = dataclasses.replace(request, grammar=grammar)
+            return await self._core.add_request(request)
+        finally:
+            self._num_preparing -= 1
 
     async def embed(self, prompt: str | list[int], params: PoolingParams, request_id: str,
                     truncate: int | None = None, keep_end: bool = False) -> RequestStream:

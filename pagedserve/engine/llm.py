@@ -91,6 +91,8 @@ class LLM:
                     if output.finished:
                         results[output.request_id] = output
                         progress.update(1)
+                for error in self.engine.take_failures().values():
+                    raise error   # one request failed (the engine aborted it): the call fails, as it would have
         except BaseException:
             self.engine.abort_request(request_ids)
             raise

@@ -130,6 +130,7 @@ class LLMEngine:
                                         *token_ids(self.generation_config.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
         self.grammar_matchers = GrammarMatchers()
+        self._failures: dict[str, Exception] = {}   # requests that failed in a step, until taken
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
         self.load_seconds = time.perf_counter() - start
@@ -185,6 +186,20 @@ class LLMEngine:
                 continue
             for seq in request.seqs:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def take_failures(self) -> dict[str, Exception]:
+        """Requests that failed while their outputs were made (request id -> error), since the last call.
+
+        NOTE: such a failure (a detokenizer or logprobs error: one request's data) aborts only that
+        request; the step's other outputs are returned as usual.
+        """
+        failures, self._failures = self._failures, {}
+        return failures
+
+    def requests_waiting_longer_than(self, seconds: float, now: float) -> list[str]:
+        """Requests never scheduled that arrived more than `seconds` before `now` (Unix time)."""
+        return [request_id for request_id, request in self._requests.items()
+                if request.metrics.first_scheduled_time is None and now - request.metrics.arrival_time > seconds]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -249,32 +264,32 @@ class LLMEngine:
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
             # NOTE: a preempted sequence recomputes its prompt; positions already reported are not repeated.
             num_known = len(request.prompt_logprobs) - (item.start + 1)
-            request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs[max(num_known, 0):])
+            try:
+                request.prompt_logprobs.extend(self._to_position_logprobs(lp)
+                                               for lp in chunk_logprobs[max(num_known, 0):])
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
         for seq in appended:
+            if seq.request_id not in self._requests:   # failed earlier in this step
+                continue
             request = self._requests[seq.request_id]
-            touched[request.request_id] = request
             self.num_generation_tokens_total += 1
-            metrics = request.metrics
-            if metrics.first_token_time is None or metrics.last_token_time is None:
-                metrics.first_token_time = now
-            elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
-                metrics.token_gaps.append(now - metrics.last_token_time)
-            metrics.last_token_time = now
-            self.grammar_matchers.accept(seq)
-            token_logprobs = runner_output.logprobs.get(seq.seq_id)
-            if token_logprobs is not None:
-                seq.cumulative_logprob += token_logprobs.logprob
-                seq.output_logprobs.append(self._to_position_logprobs(token_logprobs))
-            stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
-            if stop is not None and not seq.is_finished:
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
-            elif not seq.is_finished and self.grammar_matchers.is_terminated(seq):
-                # The grammar took its end token: the answer is complete, even under min_tokens or ignore_eos.
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            try:
+                self._add_token(request, seq, runner_output, now)
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
+                continue
+            touched[request.request_id] = request
         outputs = [self._pooled_output(scheduled[seq_id].seq, embedding, now)
                    for seq_id, embedding in runner_output.embeddings.items()]
         for request in touched.values():
-            output = self._make_output(request)
+            if request.request_id not in self._requests:
+                continue
+            try:
+                output = self._make_output(request)
+            except Exception as error:   # noqa: BLE001 - fails this request only (take_failures)
+                self._fail(request, error)
+                continue
             if output is not None:
                 outputs.append(output)
             if request.is_finished:
@@ -288,6 +303,29 @@ class LLMEngine:
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=[], finished=True,
                              num_cached_tokens=seq.num_cached_tokens, metrics=request.metrics, embedding=embedding)
+    def _fail(self, request: _Request, error: Exception) -> None:
+        self._failures[request.request_id] = error
+        self.abort_request(request.request_id)
+
+    def _add_token(self, request: _Request, seq: Sequence, runner_output: ModelRunnerOutput, now: float) -> None:
+        """The sequence's newest token into the request's metrics, logprobs and text (stop strings)."""
+        metrics = request.metrics
+        if metrics.first_token_time is None or metrics.last_token_time is None:
+            metrics.first_token_time = now
+        elif now != metrics.last_token_time:   # the n sequences of a request step together: one gap
+            metrics.token_gaps.append(now - metrics.last_token_time)
+        metrics.last_token_time = now
+        self.grammar_matchers.accept(seq)
+        token_logprobs = runner_output.logprobs.get(seq.seq_id)
+        if token_logprobs is not None:
+            seq.cumulative_logprob += token_logprobs.logprob
+            seq.output_logprobs.append(self._to_position_logprobs(token_logprobs))
+        stop = request.detokenizers[seq.index].add_token(seq.token_ids[-1])
+        if stop is not None and not seq.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop)
+        elif not seq.is_finished and self.grammar_matchers.is_terminated(seq):
+            # The grammar took its end token: the answer is complete, even under min_tokens or ignore_eos.
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
 
     def _make_output(self, request: _Request) -> RequestOutput | None:
         finished = request.is_finished

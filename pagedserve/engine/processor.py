@@ -7,10 +7,15 @@ hands on, an `EngineRequest`, is plain data the engine queues without looking ag
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from types import FrameType
+from typing import Any, Callable, Iterator, Mapping
 
 from pagedserve.engine.structured_output import GrammarCompiler
 from pagedserve.config.pooler import PoolerConfig
@@ -56,6 +61,20 @@ class ChatPrompt:
     token_ids: list[int]
 
 
+# A prompt longer than this many characters per token of the context cannot fit, for text as people
+# write it (about 4 characters a token in English, fewer in code and CJK): such a prompt is refused
+# before it is tokenized, which for megabytes of text takes the worker seconds. (A tokenizer's longest
+# tokens are longer, runs of '=' or spaces, but no prompt that fits the context is made of them alone.)
+MAX_CHARS_PER_TOKEN = 16
+# How long a chat template may render (checked between template statements): a model's own template
+# takes milliseconds, even for long conversations.
+TEMPLATE_TIME_LIMIT_SECONDS = 5.0
+
+
+class PromptTooLongError(SamplingParamsError):
+    pass
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """What a request is checked against."""
@@ -67,20 +86,27 @@ class ModelLimits:
     pooler: PoolerConfig | None = None       # set when the engine pools (embeddings) instead of generating
     hidden_size: int = 0
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text (or rendered chat) that is tokenized at all."""
+        return self.max_model_len * MAX_CHARS_PER_TOKEN
+
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, limits: ModelLimits, model_defaults: ModelDefaults,
-                 defaults: SamplingDefaults) -> None:
+                 defaults: SamplingDefaults, default_max_tokens: int | None = None) -> None:
+        """`default_max_tokens`: the output cap of a request that sets none (None: up to the context)."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.model_defaults = model_defaults
         self.sampling_defaults = defaults
         self.grammars = GrammarCompiler(tokenizer, limits.vocab_size, limits.eos_token_ids)
+        self.default_max_tokens = default_max_tokens
 
     @classmethod
     def for_engine(cls, engine: Any, model_defaults: ModelDefaults = ModelDefaults(), *,
                    sampling_overrides: Mapping[str, Any] | None = None,
-                   use_generation_config: bool = True) -> InputProcessor:
+                   use_generation_config: bool = True, default_max_tokens: int | None = None) -> InputProcessor:
         """The processor for a loaded LLMEngine, with the created model's defaults (if any) over the
         checkpoint's generation_config.json, and `sampling_overrides` over both."""
         defaults = sampling_defaults(engine.generation_config, model_defaults, sampling_overrides,
@@ -90,12 +116,24 @@ class InputProcessor:
                         dict(defaults.values))
         limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs,
                              engine.eos_token_ids, engine.pooler_config, engine.model_config.hidden_size)
-        return cls(engine.tokenizer, limits, model_defaults, defaults)
+        return cls(engine.tokenizer, limits, model_defaults, defaults, default_max_tokens)
 
     # ---- text <-> tokens ------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Raises ValueError for text that is not Unicode (a lone surrogate: the Rust tokenizer takes
+        only what UTF-8 can encode, and would raise a TypeError)."""
+        self._check_length(len(text), "prompt")
+        _check_encodable(text)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _check_length(self, num_chars: int, what: str) -> None:
+        limit = self.limits.max_prompt_chars
+        if num_chars > limit:
+            raise PromptTooLongError("prompt", f"the {what} has {num_chars} characters, more than could fit in this "
+                                               f"model's maximum context length of {self.limits.max_model_len} "
+                                               f"tokens (at most {limit} characters are tokenized). Please reduce "
+                                               f"the length of the {what}.")
 
     def decode(self, token_ids: list[int]) -> str:
         self.check_token_ids(token_ids, "tokens")
@@ -114,10 +152,17 @@ class InputProcessor:
         for a model without a template)."""
         if options.with_model_defaults:
             messages = self.model_defaults.chat_messages(messages)
-        text = render_chat_prompt(self.tokenizer, messages, add_generation_prompt=options.add_generation_prompt,
-                                  continue_final_message=options.continue_final_message,
-                                  chat_template=options.chat_template, tools=options.tools,
-                                  chat_template_kwargs=options.chat_template_kwargs)
+        # NOTE: the messages' JSON size bounds their text (the template adds little), so a conversation
+        # that could not fit is refused before it is rendered.
+        self._check_length(len(json.dumps([messages, options.tools], ensure_ascii=False)), "conversation")
+        if options.chat_template is not None:
+            check_template_constants(options.chat_template, self.limits.max_prompt_chars)
+        with time_limit(TEMPLATE_TIME_LIMIT_SECONDS):
+            text = render_chat_prompt(self.tokenizer, messages, add_generation_prompt=options.add_generation_prompt,
+                                      continue_final_message=options.continue_final_message,
+                                      chat_template=options.chat_template, tools=options.tools,
+                                      chat_template_kwargs=options.chat_template_kwargs)
+        self._check_length(len(text), "rendered conversation")
         return ChatPrompt(text, self.tokenize(text, add_special_tokens=options.add_special_tokens))
 
     # ---- checks ---------------------------------------------------------------------------------
@@ -175,7 +220,8 @@ class InputProcessor:
                              f"prompt has {num_prompt} tokens, which leaves no room for output. Please reduce the "
                              f"length of the prompt.")
         if params.max_tokens is None:
-            return max_model_len - num_prompt
+            room = max_model_len - num_prompt
+            return room if self.default_max_tokens is None else min(room, self.default_max_tokens)
         if num_prompt + params.max_tokens > max_model_len:
             raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                              f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
@@ -235,3 +281,97 @@ class InputProcessor:
         if params.dimensions > self.limits.hidden_size:
             raise SamplingParamsError("dimensions", f"dimensions must be at most {self.limits.hidden_size}, "
                                                     f"got {params.dimensions}")
+
+def _check_encodable(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SamplingParamsError("prompt", f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x}) "
+                                            f"at character {error.start}, which is no Unicode character") from None
+
+
+class TemplateTimeoutError(ValueError):
+    pass
+
+
+# What jinja names the code it compiles a template string into.
+_TEMPLATE_FILENAME = "<template>"
+_Tracer = Callable[[FrameType, str, Any], Any]
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Chat templates rendered inside end with TemplateTimeoutError (a ValueError: the template's
+    fault) once `seconds` are up.
+
+    NOTE: a template is Python code jinja compiled; a trace function on this thread, set only for
+    the template's own frames, checks the clock at each of its lines (loop turns included), so a
+    template looping for minutes stops within the limit. One long C call (a huge string repeat) is
+    not interrupted: the rendered text's length check refuses its result.
+    """
+    deadline = time.monotonic() + seconds
+
+    def check_line(frame: FrameType, event: str, arg: Any) -> _Tracer | None:
+        if time.monotonic() > deadline:
+            raise TemplateTimeoutError(f"the chat template took more than {seconds:g} s to render")
+        return check_line
+
+    def trace_templates(frame: FrameType, event: str, arg: Any) -> _Tracer | None:
+        return check_line if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace_templates)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def check_template_constants(template: str, limit: int) -> None:
+    """ValueError for a template with a product, power or filter argument bigger than `limit` when
+    constant (`'x' * 10**8`).
+
+    NOTE: jinja folds constant expressions while it compiles a template, and writes the result into
+    the Python code it then compiles: a huge one holds the interpreter for seconds before rendering
+    (and the time limit) begins. So a request's template is read first, each product, power and
+    number bounded without computing it.
+    """
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        tree = ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as error:
+        raise ValueError(f"chat template failed: {error}") from None
+    for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Filter)):
+        # a filter with constant arguments is folded too ('x'|center(10**8))
+        parts = [*node.args, *(pair.value for pair in node.kwargs)] if isinstance(node, nodes.Filter) else [node]
+        size = max((_constant_size(part) or 0.0 for part in parts), default=0.0)
+        if size > limit:
+            raise ValueError(f"the chat template holds a constant expression of size {size:.3g} (line {node.lineno}), "
+                             f"more than the {limit} characters a prompt may have")
+
+
+def _constant_size(node: Any) -> float | None:
+    """A bound on the length (sequences) or magnitude (numbers) of a constant expression; None if it
+    is not constant."""
+    from jinja2 import nodes
+
+    if isinstance(node, nodes.Const):
+        value = node.value
+        if isinstance(value, bool) or value is None:
+            return 1.0
+        if isinstance(value, (int, float)):
+            return float(abs(value))
+        return float(len(value)) if isinstance(value, (str, tuple, list)) else None
+    if isinstance(node, (nodes.Mul, nodes.Pow, nodes.Add, nodes.Sub)):
+        left, right = _constant_size(node.left), _constant_size(node.right)
+        if left is None or right is None:
+            return None
+        if isinstance(node, nodes.Pow):
+            return 1.0 if left <= 1 else math.inf if right * math.log2(left) > 1000 else left ** right
+        return left * right if isinstance(node, nodes.Mul) else left + right
+    if isinstance(node, (nodes.Neg, nodes.Pos)):
+        return _constant_size(node.node)
+    return None

@@ -65,6 +65,23 @@ class _Reader(gguf.GGUFReader):
     def data(self, value: np.ndarray) -> None:
         self._data = value.view(np.ndarray)
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        # NOTE: the reader slices past the end without a word, and fails later reshaping what it got;
+        # a read past the end is what a truncated file, or a corrupt length or offset, looks like.
+        end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+        if end > len(self._data):
+            raise _PastTheEnd(end, len(self._data))
+        return super()._get(offset, dtype, count, override_order)
+
+
+class _PastTheEnd(ValueError):
+    def __init__(self, end: int, size: int) -> None:
+        super().__init__(f"the file has {size} bytes but its header needs bytes up to {end}: it is truncated, or "
+                         "a length or offset in its header is corrupt")
+
+
+_GGUF_MAGIC = b"GGUF"
+
 
 def read_gguf(files: Sequence[Path]) -> GGUFCheckpoint:
     """Parse the headers of all parts of a GGUF (tensor data is left on disk until iter_gguf_weights)."""
@@ -92,10 +109,20 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     if file_size == 0:
         raise ValueError(f"{path}: not a valid GGUF file (the file is empty)")
     try:
+        with path.open("rb") as file:
+            magic = file.read(len(_GGUF_MAGIC))
+        if magic != _GGUF_MAGIC:
+            raise ValueError(f"{path}: not a valid GGUF file (it starts with {magic!r}, not the magic {_GGUF_MAGIC!r})")
         reader = _Reader(path)
         metadata = {key: field_.contents() for key, field_ in reader.fields.items()}
     except OSError as error:
         raise ValueError(f"{path}: cannot read GGUF file ({error.strerror or error})") from None
+    except _PastTheEnd as error:
+        raise ValueError(f"{path}: not a valid GGUF file ({error})") from None
+    except ValueError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a valid GGUF file ({error})") from None
     except Exception as error:   # the reader fails with whatever numpy or struct raise on a bad header
         raise ValueError(f"{path}: not a valid GGUF file ({type(error).__name__}: {error})") from None
     infos = []

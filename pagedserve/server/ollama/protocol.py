@@ -168,12 +168,15 @@ def ollama_tool_call(call: Any, index: int) -> dict[str, Any]:
     return {"function": {"index": index, "name": call.name, "arguments": arguments}}
 
 
-def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool
-                    ) -> tuple[SamplingParams, int | None]:
-    """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option."""
+def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool,
+                    default_num_predict: int | None = None) -> tuple[SamplingParams, int | None]:
+    """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option.
+
+    `default_num_predict`: the output cap when neither the request nor the model sets num_predict
+    (None: to the end of the context); num_predict -1 in either still means "to the end"."""
     given = _typed_options(options or {})
     request = {_OPTIONS[name][1]: value for name, value in given.items() if _OPTIONS[name][1] is not None}
-    values = defaults.resolve(request, OLLAMA_DEFAULTS)
+    values = defaults.resolve(request, {**OLLAMA_DEFAULTS, "max_tokens": default_num_predict})
     # Ollama's sentinels, whoever set them: num_predict <= 0 has no limit, a negative seed is random.
     if values.get("max_tokens") is not None and values["max_tokens"] <= 0:
         values["max_tokens"] = None

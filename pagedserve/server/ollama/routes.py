@@ -66,7 +66,8 @@ async def chat(request: Request) -> Response:
 
     async def answer_chat(waited: float) -> Response:
         client = model.engine
-        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream)
+        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
         params = params.replace(structured_outputs=body.structured_outputs())
         # Ollama reads tool calls out of every answer to a request with tools: tool_choice auto, always on.
         tools = plan_tools(body.messages, body.tools, None, None, client.chat_template,
@@ -99,12 +100,13 @@ async def generate(request: Request) -> Response:
         return await _load_or_unload(state, model, body, keep_alive, start)
 
     async def answer_generate(waited: float) -> Response:
-        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream)
+        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
         params = params.replace(structured_outputs=body.structured_outputs())
         thinking = think_options(body.think, state.server_config.reasoning_parser, model.engine.chat_template,
                                  body.model or body.name)
-        prompt = await _generate_prompt(body, model, {**state.server_config.chat_template_kwargs,
-                                                      **(thinking.template_kwargs or {})})
+        prompt = await _generate_prompt(body, state, model, {**state.server_config.chat_template_kwargs,
+                                                             **(thinking.template_kwargs or {})})
         if not body.raw:
             params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
@@ -195,6 +197,7 @@ async def _stream(run: _Run, engine_stream: Any, state: ServerState, tracker: Re
         state.log_finished(run.request_id, [output])
         yield _line(run.last(output))
     except Exception as error:   # noqa: BLE001 - after the first line, errors can only travel as lines
+        tracker.fail(error)
         yield _line({"error": from_exception(error).message})
 
 
@@ -221,10 +224,13 @@ def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedMo
     return params.replace(max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
 
 
-async def _generate_prompt(body: GenerateBody, model: ServedModel,
+async def _generate_prompt(body: GenerateBody, state: ServerState, model: ServedModel,
                            template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
     """Raw: the prompt as is. Otherwise the prompt as a user message through the chat template (the
-    request's `template` if it gives one), after the system prompt and the model's opening messages."""
+    request's `template` if it gives one), after the system prompt and the model's opening messages.
+
+    A Go template (Ollama's kind: no arithmetic, loops only over the request's data) is always taken;
+    a Jinja one only with --trust-request-chat-template."""
     client = model.engine
     if body.raw:
         return ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
@@ -236,6 +242,8 @@ async def _generate_prompt(body: GenerateBody, model: ServedModel,
     messages.append({"role": "user", "content": body.prompt})
     template = None
     if body.template:
+        if not is_go_template(body.template):
+            state.check_request_template(body.template, None)
         template = translate_go_template(body.template) if is_go_template(body.template) else body.template
     try:
         prompt = await client.render_chat(messages, ChatOptions(chat_template=template, with_model_defaults=False,

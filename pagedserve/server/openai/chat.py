@@ -42,6 +42,7 @@ class _Chat:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState,
                                  model: ServedModel) -> Response:
     body.check_supported()
+    state.check_request_template(body.chat_template, body.chat_template_kwargs)
     client = model.engine
     params = body.to_sampling_params(client.sampling_defaults,
                                      OutputKind.DELTA if body.stream else OutputKind.FINAL_ONLY)
@@ -157,6 +158,7 @@ async def _stream_chat(chat: _Chat, stream: Any, state: ServerState,
             yield sse(ChatCompletionChunk(id=chat.request_id, object="chat.completion.chunk", created=chat.created,
                                           model=chat.model, choices=[], usage=usage))
     except Exception as error:   # noqa: BLE001 - after the first byte, errors can only travel as events
+        tracker.fail(error)
         yield sse_error(error)
     yield DONE
 

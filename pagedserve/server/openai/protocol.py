@@ -6,6 +6,7 @@ PARAMETER, or --override-generation-config), else OpenAI's.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -186,6 +187,7 @@ class ChatCompletionRequest(SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
             raise _invalid("continue_final_message",
                            "continue_final_message and add_generation_prompt cannot both be true")
+        check_roles(self.messages)
 
 
 class CompletionRequest(SamplingRequest):
@@ -318,6 +320,21 @@ def _token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
         except ValueError:
             raise _invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
     return biases
+
+
+# The roles OpenAI's chat API takes ("function" is its deprecated spelling of "tool").
+CHAT_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+
+
+def check_roles(messages: list[dict[str, Any]]) -> None:
+    """400 for a message whose role OpenAI would refuse, in its words and with its param."""
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role is None or role in CHAT_ROLES:
+            continue   # a message without a role gets its own error when rendered
+        quoted = ", ".join(f"'{name}'" for name in CHAT_ROLES[:-1]) + f", and '{CHAT_ROLES[-1]}'"
+        shown = f"'{role}'" if isinstance(role, str) else json.dumps(role)[:100]
+        raise _invalid(f"messages.[{index}].role", f"Invalid value: {shown}. Supported values are: {quoted}.")
 
 
 def _invalid(param: str, message: str) -> ValueError:

@@ -15,7 +15,8 @@ from pagedserve.server.openai.chat import create_chat_completion
 from pagedserve.server.openai.completions import create_completion
 from pagedserve.server.openai.embeddings import EmbeddingRequest, create_embedding
 from pagedserve.server.openai.responses import ResponsesRequest, create_response
-from pagedserve.server.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagedserve.server.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                               TokenizeRequest, check_roles)
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
@@ -92,12 +93,14 @@ async def tokenize(request: Request) -> JSONResponse:
     state = server_state(request)
     body = await read_body(request, TokenizeRequest)
     model = find_model(state, body.model)
-    return await state.respond(model, lambda _waited: _tokenize(body, model))
+    return await state.respond(model, lambda _waited: _tokenize(body, state, model))
 
 
-async def _tokenize(body: TokenizeRequest, model: ServedModel) -> JSONResponse:
+async def _tokenize(body: TokenizeRequest, state: ServerState, model: ServedModel) -> JSONResponse:
     client = model.engine
     if body.messages is not None:
+        check_roles(body.messages)
+        state.check_request_template(body.chat_template, body.chat_template_kwargs)
         # the template already has BOS, so special tokens are only added when asked for
         prompt = await client.render_chat(body.messages, ChatOptions(
             add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
