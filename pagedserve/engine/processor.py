@@ -266,7 +266,7 @@ class InputProcessor:
                              f"reduce the length of the input.")
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                              SamplingParams(max_tokens=1, output_kind=OutputKind.FINAL_ONLY), 1,
-                             time.time() if arrival_time is None else arrival_time, params)
+                             time.time() if arrival_time is None else arrival_time, pooling=params)
 
     def _check_dimensions(self, params: PoolingParams, pooler: PoolerConfig) -> None:
         if params.dimensions is None:
