@@ -26,13 +26,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
     renamed: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_prefixes", ())
     tied = getattr(model.config, "tie_word_embeddings", False)
+    # NOTE: under pipeline parallelism another stage's layers are no error here: that stage loads them.
+    is_elsewhere = getattr(model, "is_elsewhere", lambda name: False)
     expected = set(_expected_shards(params, packed))
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
         if name.startswith(ignored):
             continue
         name = _renamed(name, renamed)
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight") or is_elsewhere(name):
             continue
         param_name, shard_id = _our_name(name, packed)
         param = params.get(param_name)
