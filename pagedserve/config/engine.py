@@ -10,6 +10,7 @@ from pagedserve.config.environment import parse_cpu_list
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OMP_WAIT_POLICIES = ("auto", "active", "passive")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
@@ -68,6 +69,12 @@ class EngineConfig:
                                                            "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
+    distributed_executor_backend: str | None = field(default=None, metadata={
+        "choices": EXECUTOR_BACKENDS,
+        "help": "how the ranks run: uni (one process; the default for one rank), mp (processes on this machine; "
+                "the default for more), ray (Ray actors across the cluster's nodes)"})
+    distributed_timeout_seconds: int | None = field(default=None, metadata={
+        "help": "how long ranks wait for each other (start-up, each step) before failing (default 300)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -95,6 +102,11 @@ class EngineConfig:
             bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.distributed_executor_backend is not None and self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.distributed_timeout_seconds is not None and self.distributed_timeout_seconds < 1:
+            raise ValueError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

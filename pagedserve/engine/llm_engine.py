@@ -14,6 +14,7 @@ from pagedserve.engine.platform import Platform
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
+from pagedserve.executor import Executor, make_executor
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -90,12 +91,17 @@ class LLMEngine:
         # generation_config.json's values (sampling defaults, end ids); {} for a GGUF
         self.generation_config: dict[str, Any] = checkpoint.generation_defaults
         is_quantized = checkpoint.source.kind == "gguf" and self.model_config.checkpoint_dtype is None
-        self.platform = Platform.resolve(config, self.model_config.checkpoint_dtype, is_quantized)
-        self.runner = ModelRunner(self.model_config, self.platform,
-                                  checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
-        self.max_model_len = self._resolve_max_model_len()
-        num_blocks = self._resolve_num_blocks()
-        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        # one rank here, or rank 0 (the driver) of a tensor / pipeline parallel model
+        self.executor: Executor = make_executor(config, checkpoint, is_quantized)
+        self.platform: Platform = self.executor.platform
+        self.runner: ModelRunner = self.executor.driver
+        try:
+            self.max_model_len = self._resolve_max_model_len()
+            num_blocks = self._resolve_num_blocks()
+            self.executor.allocate_kv_cache(num_blocks, config.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens
@@ -172,6 +178,10 @@ class LLMEngine:
             weight_bytes=runner.num_parameter_bytes,
             kv_cache_bytes=self.block_manager.num_blocks * runner.kv_bytes_per_block(self.config.block_size))
 
+    def shutdown(self) -> None:
+        """Stop the worker ranks, if any (a single-rank engine has none)."""
+        self.executor.shutdown()
+
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -190,7 +200,7 @@ class LLMEngine:
                 seq = item.seq
                 rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
                                                seq.eos_token_ids)
-        runner_output = self.runner.execute(scheduler_output, rows)
+        runner_output = self.executor.execute_model(scheduler_output, rows)
         appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
         return self._process_outputs(scheduler_output, runner_output, appended)
 
@@ -286,7 +296,8 @@ class LLMEngine:
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         else:
-            num_blocks = self.platform.kv_cache_bytes(self.config) // self.runner.kv_bytes_per_block(block_size)
+            # NOTE: per rank, as vLLM's CPU backend sizes it: each rank holds its layers' share of the heads.
+            num_blocks = self.platform.kv_cache_bytes(self.config) // self.executor.kv_bytes_per_block(block_size)
             # No use holding more than every sequence at full length could fill.
             most_useful = -(-self.max_model_len // block_size) * self.config.max_num_seqs
             num_blocks = min(num_blocks, most_useful)

@@ -57,7 +57,9 @@ class StepPlan:
 
     def logit_rows(self) -> list[int]:
         """Rows of the step whose logits are needed: the sampled rows, then each chunk's prompt-logprob rows."""
-        sample_rows, prompt_rows, row = [], [], 0
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        row = 0
         for chunk in self.chunks:
             if chunk.is_sampling:
                 sample_rows.append(row + len(chunk.token_ids) - 1)
@@ -249,7 +251,7 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
 def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]],
                  parallel: ModelParallel) -> CausalLM:
     cls = model_class(config)
-    if parallel.world_size > 1 and not cls.supports_parallel:
+    if parallel.world_size > 1 and not getattr(cls, "supports_parallel", False):
         raise ValueError(f"{config.architecture} has no tensor- or pipeline-parallel layers yet; serve it with "
                          "--tensor-parallel-size 1 --pipeline-parallel-size 1")
     previous_dtype = torch.get_default_dtype()
