@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from typing import Callable, Protocol
 
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.executor.cores import rank_config
 from pagedserve.executor.worker import (AllocateKVCache, RankInfo, Shutdown, WorkerSpec, describe_rank, load_rank,
                                         send_to_workers, use_interface_of)
-from pagedserve.distributed import init_model_parallel
+from pagedserve.distributed import ModelParallel, init_model_parallel
 from pagedserve.layers.sampler import SamplingRow
 from pagedserve.loader.checkpoint import Checkpoint
 
@@ -64,7 +65,8 @@ class CollectiveExecutor:
         num_local = launcher.start(world_size, spec_for)
         use_interface_of(driver_ip)
         own_config = rank_config(config, 0, num_local)
-        parallel = init_model_parallel(0, tp_size, pp_size, num_layers, init_method, timeout)
+        parallel = _join_watched(launcher, lambda: init_model_parallel(0, tp_size, pp_size, num_layers, init_method,
+                                                                       timeout))
         error = None
         try:
             self.platform, self.driver = load_rank(own_config, checkpoint, is_quantized, parallel)
@@ -125,6 +127,31 @@ class CollectiveExecutor:
         failures = self.launcher.failures()
         detail = "; ".join(failures) if failures else str(error)
         return RuntimeError(f"a worker rank failed: {detail}")
+
+
+def _join_watched(launcher: Launcher, join: Callable[[], ModelParallel]) -> ModelParallel:
+    """Meet the other ranks (`join` blocks until all arrive), failing at once if one of them stops first
+    (a worker that cannot even start would otherwise keep the driver waiting for the whole timeout)."""
+    joined: list[ModelParallel] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            joined.append(join())
+        except BaseException as error:
+            errors.append(error)
+
+    # NOTE: daemonic: after a failure it may stay blocked in the rendezvous, and must not keep the process up.
+    thread = threading.Thread(target=run, name="pagedserve-rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        failures = launcher.failures()
+        if failures and thread.is_alive():
+            raise RuntimeError(f"a worker rank stopped before the ranks met: {'; '.join(failures)}")
+    if errors:
+        raise errors[0]
+    return joined[0]
 
 
 def _free_port(host: str) -> int:
