@@ -23,7 +23,7 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer_mode": (str, "the fast tokenizer is always used"),
     "disable_custom_all_reduce": (bool, "there is no custom all-reduce"),
     "max_seq_len_to_capture": (int, "no CUDA graphs are captured"),
-    "worker_use_ray": (bool, "one process serves the model"),
+    "worker_use_ray": (bool, "use --distributed-executor-backend ray"),
     "enable_chunked_prefill": (bool, "chunked prefill is always on"),
     "use_v2_block_manager": (bool, "there is one block manager"),
     "guided_decoding_backend": (str, "structured output is not supported yet"),

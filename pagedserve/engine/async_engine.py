@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from pagedserve.executor import RankFailedError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.outputs import RequestOutput
@@ -122,6 +123,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except RankFailedError as error:   # the model's ranks are broken: no step can run any more
+                logger.error("%s; the engine stops", error)
+                self._fail_all(error)
+                break
             except Exception as error:   # a bug, not bad input: fail what is in flight, keep serving
                 logger.exception("engine step failed; aborting %d requests", len(self._streams))
                 self._fail_all(error)
@@ -133,7 +138,9 @@ class AsyncEngine:
                     if output.finished:
                         del self._streams[output.request_id]
             self._report(outputs)
+        self._stopping.set()
         self._fail_all(EngineDeadError("the server is shutting down"))
+        self.engine.shutdown()
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         if self._on_step is not None:

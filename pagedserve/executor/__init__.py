@@ -15,10 +15,11 @@ from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.engine.platform import Platform
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.executor.checks import check_parallel_fits
+from pagedserve.executor.errors import RankFailedError
 from pagedserve.layers.sampler import SamplingRow
 from pagedserve.loader.checkpoint import Checkpoint
 
-BACKENDS = ("uni", "mp", "ray")
+__all__ = ["Executor", "RankFailedError", "make_executor"]
 
 
 class Executor(Protocol):

@@ -15,6 +15,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.model_runner import ModelRunnerOutput, StepPlan, plan_step
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.executor.cores import rank_config
+from pagedserve.executor.errors import RankFailedError
 from pagedserve.executor.worker import (AllocateKVCache, RankInfo, Shutdown, WorkerSpec, describe_rank, load_rank,
                                         send_to_workers, use_interface_of)
 from pagedserve.distributed import ModelParallel, init_model_parallel
@@ -123,10 +124,10 @@ class CollectiveExecutor:
         except RuntimeError as error:
             raise self._worker_error(error) from error
 
-    def _worker_error(self, error: RuntimeError) -> RuntimeError:
+    def _worker_error(self, error: RuntimeError) -> RankFailedError:
         failures = self.launcher.failures()
         detail = "; ".join(failures) if failures else str(error)
-        return RuntimeError(f"a worker rank failed: {detail}")
+        return RankFailedError(f"a worker rank failed: {detail}")
 
 
 def _join_watched(launcher: Launcher, join: Callable[[], ModelParallel]) -> ModelParallel:
