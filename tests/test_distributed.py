@@ -27,7 +27,7 @@ RUN_PROMPTS = PROMPTS[:6] + [SHARED + "The capital of", SHARED + "One, two,"]
 def engine(path, **parallel) -> LLM:
     # nobind: the test process is rank 0 and must keep its cores for the tests after this one
     return LLM(str(path), dtype="float32", num_threads=1, cpu_threads_bind="nobind", max_num_batched_tokens=24,
-               num_kv_blocks=14, block_size=8, **parallel)
+               num_kv_blocks=14, block_size=8, distributed_timeout_seconds=120, **parallel)
 
 
 def run(llm: LLM, max_tokens: int = 10) -> list:
@@ -57,7 +57,11 @@ def assert_same(expected: list, actual: list) -> None:
 def parallel_run(path, max_tokens: int = 10, **parallel) -> list:
     llm = engine(path, **parallel)
     try:
-        return run(llm, max_tokens)
+        results = run(llm, max_tokens)
+        if parallel.get("pipeline_parallel_size", 1) > 1:
+            # more than one batch in flight: the first stage started a batch while a later one ran the last
+            assert llm.engine.num_overlapped_steps > 0
+        return results
     finally:
         llm.engine.shutdown()
 

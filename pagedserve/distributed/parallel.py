@@ -70,6 +70,8 @@ class PipelineStage:
 class ModelParallel:
     tp: TensorParallel = TensorParallel()
     stage: PipelineStage = PipelineStage()
+    # every rank, for the driver's messages only (a thread of their own may send on it)
+    control_group: Any = None
 
     @property
     def rank(self) -> int:
@@ -83,6 +85,11 @@ class ModelParallel:
         """Hidden states to the same tensor rank of the next stage (the last stage sends to the first)."""
         next_rank = (self.stage.rank + 1) % self.stage.size
         dist.send(x.contiguous(), dst=self.stage.global_rank(next_rank, self.tp.rank))
+
+    def isend_to_next(self, x: torch.Tensor) -> Any:
+        """send_to_next without waiting; returns the Work to wait on (x must live until then)."""
+        next_rank = (self.stage.rank + 1) % self.stage.size
+        return dist.isend(x.contiguous(), dst=self.stage.global_rank(next_rank, self.tp.rank))
 
     def recv_from_previous(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         previous = (self.stage.rank - 1) % self.stage.size
@@ -120,9 +127,10 @@ def init_model_parallel(rank: int, tp_size: int, pp_size: int, num_layers: int, 
         made = dist.new_group(ranks, timeout=timedelta(seconds=timeout_seconds)) if tp_size > 1 else None
         if stage == pp_rank:
             group = made
+    control_group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=timeout_seconds))
     start, end = split_layers(num_layers, pp_size)[pp_rank]
     return ModelParallel(TensorParallel(tp_rank, tp_size, group),
-                         PipelineStage(pp_rank, pp_size, start, end if pp_size > 1 else None, tp_size))
+                         PipelineStage(pp_rank, pp_size, start, end if pp_size > 1 else None, tp_size), control_group)
 
 
 class _ThreadState(threading.local):

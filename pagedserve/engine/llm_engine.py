@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -14,7 +15,7 @@ from pagedserve.engine.platform import Platform
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
-from pagedserve.executor import Executor, make_executor
+from pagedserve.executor import Executor, PendingOutput, make_executor
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -111,6 +112,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset((*self.model_config.eos_token_ids, *token_ids(self.tokenizer.eos_token_id),
                                         *token_ids(self.generation_config.get("eos_token_id"))))
         self._requests: dict[str, _Request] = {}
+        # pipeline parallel: started batches, oldest first
+        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
+        self.num_overlapped_steps = 0    # steps started while an earlier one was still in flight
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
         self.load_seconds = time.perf_counter() - start
@@ -153,7 +157,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or bool(self._in_flight)
 
     @property
     def num_requests(self) -> int:
@@ -185,9 +189,36 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.executor.max_concurrent_batches > 1:
+            return self._pipelined_step()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        rows = self._start_step(scheduler_output)
+        runner_output = self.executor.execute_model(scheduler_output, rows)
+        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
+        return self._process_outputs(scheduler_output, runner_output, appended)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Pipeline parallel: start batches (of sequences not already in flight) until every stage has one,
+        then finish the oldest. While the later stages run a batch, the first one runs the next."""
+        while len(self._in_flight) < self.executor.max_concurrent_batches:
+            in_flight = frozenset(item.seq.seq_id for output, _ in self._in_flight for item in output.scheduled)
+            scheduler_output = self.scheduler.schedule(in_flight)
+            if scheduler_output.is_empty:
+                break
+            rows = self._start_step(scheduler_output)
+            self.num_overlapped_steps += bool(self._in_flight)
+            self._in_flight.append((scheduler_output, self.executor.start_step(scheduler_output, rows)))
+        if not self._in_flight:
+            return []
+        scheduler_output, pending = self._in_flight.popleft()
+        runner_output = pending.result()
+        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
+        return self._process_outputs(scheduler_output, runner_output, appended)
+
+    def _start_step(self, scheduler_output: SchedulerOutput) -> dict[int, SamplingRow]:
+        """Per-step bookkeeping as a step starts; the sampling state of each sequence it samples."""
         now = time.time()
         rows = {}
         for item in scheduler_output.scheduled:
@@ -200,9 +231,7 @@ class LLMEngine:
                 seq = item.seq
                 rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
                                                seq.eos_token_ids)
-        runner_output = self.executor.execute_model(scheduler_output, rows)
-        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
-        return self._process_outputs(scheduler_output, runner_output, appended)
+        return rows
 
     def _process_outputs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
                          appended: list[Sequence]) -> list[RequestOutput]:
@@ -211,7 +240,9 @@ class LLMEngine:
         scheduled_seqs = {item.seq.seq_id: item.seq for item in scheduler_output.scheduled}
         for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
             seq = scheduled_seqs[seq_id]
-            request = self._requests[seq.request_id]
+            request = self._requests.get(seq.request_id)
+            if request is None:   # aborted while its step was in flight (pipeline parallel)
+                continue
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
             request.prompt_logprobs.extend(self._to_position_logprobs(lp) for lp in chunk_logprobs)
         for seq in appended:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.distributed import ModelParallel, model_parallel
 from pagedserve.engine.platform import Platform
+from pagedserve.models.parallel import check_parallel_fits
 from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
@@ -83,6 +84,16 @@ def plan_step(scheduler_output: SchedulerOutput) -> StepPlan:
 
 
 @dataclass(frozen=True)
+class StartedStep:
+    """A batch the first pipeline stage has run and sent on, awaiting the last stage's hidden states."""
+
+    plan: StepPlan
+    metadata: AttentionMetadata
+    sent: torch.Tensor               # kept alive until the send completes
+    send: Any                        # its torch.distributed Work
+
+
+@dataclass(frozen=True)
 class _StepInputs:
     input_ids: torch.Tensor          # [num_tokens]
     positions: torch.Tensor          # [num_tokens]
@@ -149,16 +160,41 @@ class ModelRunner:
     def execute_plan(self, plan: StepPlan, scheduler_output: SchedulerOutput,
                      rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
         """The driver's step: this rank's shard of the forward pass, then sampling."""
+        return self.sample(plan, scheduler_output, self.run(plan), rows_of)
+
+    def sample(self, plan: StepPlan, scheduler_output: SchedulerOutput, logits: torch.Tensor | None,
+               rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
         self.sampler.forget(plan.finished_seq_ids)
-        logits = self.run(plan)
         return self._outputs(plan, scheduler_output, logits, rows_of)
+
+    @torch.inference_mode()
+    def start(self, plan: StepPlan) -> StartedStep:
+        """First pipeline stage: run its layers and hand the result on without waiting, so the next batch
+        can start here while later stages work on this one."""
+        inputs = self._prepare_inputs(plan)
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
+            hidden_states = self.model(inputs.input_ids, inputs.positions)   # [2, num_tokens, hidden_size]
+        return StartedStep(plan, inputs.metadata, hidden_states, self.parallel.isend_to_next(hidden_states))
+
+    @torch.inference_mode()
+    def finish(self, started: StartedStep) -> torch.Tensor | None:
+        """First pipeline stage: the final hidden states back from the last stage, then the logits."""
+        plan = started.plan
+        hidden_states = self.parallel.recv_from_previous((plan.num_tokens, self.model_config.hidden_size),
+                                                         self.dtype)
+        started.send.wait()
+        rows = plan.logit_rows()
+        with forward_context(ForwardContext(started.metadata, self.use_cpu_kernels)):
+            return self.model.compute_logits(hidden_states[rows]) if rows else None
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
         """This rank's part of a step: its layers, the hand-over between pipeline stages, and on the first
         stage the logits of `plan.logit_rows()` (None elsewhere, or when no row needs them)."""
-        inputs = self._prepare_inputs(plan)
         stage, hidden_size = self.parallel.stage, self.model_config.hidden_size
+        if stage.size > 1 and stage.is_first:
+            return self.finish(self.start(plan))
+        inputs = self._prepare_inputs(plan)
         received = None
         if not stage.is_first:
             received = self.parallel.recv_from_previous((2, plan.num_tokens, hidden_size), self.dtype)
@@ -168,9 +204,7 @@ class ModelRunner:
             if stage.size > 1:
                 # the last stage hands its final hidden states back to the first, which holds the output head
                 self.parallel.send_to_next(hidden_states)
-                if not stage.is_first:
-                    return None
-                hidden_states = self.parallel.recv_from_previous((plan.num_tokens, hidden_size), self.dtype)
+                return None
             rows = plan.logit_rows()
             return self.model.compute_logits(hidden_states[rows]) if rows else None   # [num_rows, vocab_size]
 
@@ -251,9 +285,7 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
 def _build_model(config: ModelConfig, platform: Platform, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]],
                  parallel: ModelParallel) -> CausalLM:
     cls = model_class(config)
-    if parallel.world_size > 1 and not getattr(cls, "supports_parallel", False):
-        raise ValueError(f"{config.architecture} has no tensor- or pipeline-parallel layers yet; serve it with "
-                         "--tensor-parallel-size 1 --pipeline-parallel-size 1")
+    check_parallel_fits(config, parallel.tp.size, parallel.stage.size)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(platform.dtype)
     try:

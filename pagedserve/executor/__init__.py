@@ -14,17 +14,22 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.engine.platform import Platform
 from pagedserve.engine.scheduler import SchedulerOutput
-from pagedserve.executor.checks import check_parallel_fits
+from pagedserve.models.parallel import check_parallel_fits
 from pagedserve.executor.errors import RankFailedError
 from pagedserve.layers.sampler import SamplingRow
 from pagedserve.loader.checkpoint import Checkpoint
 
-__all__ = ["Executor", "RankFailedError", "make_executor"]
+__all__ = ["Executor", "PendingOutput", "RankFailedError", "make_executor"]
+
+
+class PendingOutput(Protocol):
+    def result(self) -> ModelRunnerOutput: ...
 
 
 class Executor(Protocol):
     platform: Platform
     driver: ModelRunner          # rank 0's runner, in this process: it samples
+    max_concurrent_batches: int  # batches that may be in flight at once: the pipeline stages
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """The most bytes one KV block takes on any rank (each holds its layers' share of the heads)."""
@@ -33,7 +38,13 @@ class Executor(Protocol):
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
 
     def execute_model(self, scheduler_output: SchedulerOutput,
-                      rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput: ...
+                      rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
+        """Run one step on every rank; the driver's sampled tokens."""
+        ...
+
+    def start_step(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> PendingOutput:
+        """execute_model in two halves, so that the next batch can start before this one's result."""
+        ...
 
     def shutdown(self) -> None: ...
 

@@ -5,19 +5,22 @@ the hand-over between pipeline stages is a send/recv, and only this rank samples
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.model_runner import ModelRunnerOutput, StepPlan, plan_step
+from pagedserve.engine.model_runner import ModelRunnerOutput, StartedStep, StepPlan, plan_step
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.executor.cores import rank_config
 from pagedserve.executor.errors import RankFailedError
-from pagedserve.executor.worker import (AllocateKVCache, RankInfo, Shutdown, WorkerSpec, describe_rank, load_rank,
-                                        send_to_workers, use_interface_of)
+from pagedserve.executor.worker import (AllocateKVCache, FinishStep, Message, RankInfo, Shutdown, StartStep, WorkerSpec,
+                                        describe_rank, load_rank, send_to_worker, send_to_workers,
+                                        use_interface_of)
 from pagedserve.distributed import ModelParallel, init_model_parallel
 from pagedserve.layers.sampler import SamplingRow
 from pagedserve.loader.checkpoint import Checkpoint
@@ -66,8 +69,10 @@ class CollectiveExecutor:
         num_local = launcher.start(world_size, spec_for)
         use_interface_of(driver_ip)
         own_config = rank_config(config, 0, num_local)
+        self._sender: _Sender | None = None
         parallel = _join_watched(launcher, lambda: init_model_parallel(0, tp_size, pp_size, num_layers, init_method,
                                                                        timeout))
+        self.parallel = parallel
         error = None
         try:
             self.platform, self.driver = load_rank(own_config, checkpoint, is_quantized, parallel)
@@ -91,6 +96,9 @@ class CollectiveExecutor:
                         info.num_threads, _core_list(info.cores))
         self.ranks = infos
         self._kv_bytes_per_token = max(info.kv_bytes_per_token for info in infos)
+        # Pipeline parallel keeps one batch in flight per stage (vLLM's virtual engines).
+        self.max_concurrent_batches = pp_size
+        self._sender = _Sender(parallel) if pp_size > 1 else None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         return self._kv_bytes_per_token * block_size
@@ -100,10 +108,30 @@ class CollectiveExecutor:
         self.driver.allocate_kv_cache(num_blocks, block_size)
 
     def execute_model(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
+        return self.start_step(scheduler_output, rows_of).result()
+
+    def start_step(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> PendingStep:
+        """Send the step to the ranks and start it here; `.result()` finishes it. Up to
+        `max_concurrent_batches` may be started before the oldest is finished (in order)."""
         plan = plan_step(scheduler_output)
-        self._send(plan)
+        if self._sender is None:
+            self._send(plan)
+            return PendingStep(self, plan, scheduler_output, rows_of, None)
+        self._send(StartStep(plan))
         try:
-            return self.driver.execute_plan(plan, scheduler_output, rows_of)
+            started = self.driver.start(plan)
+        except RuntimeError as error:
+            raise self._worker_error(error) from error
+        return PendingStep(self, plan, scheduler_output, rows_of, started)
+
+    def _finish(self, pending: PendingStep) -> ModelRunnerOutput:
+        try:
+            if pending.started is None:
+                logits = self.driver.run(pending.plan)
+            else:
+                self._send(FinishStep())
+                logits = self.driver.finish(pending.started)
+            return self.driver.sample(pending.plan, pending.scheduler_output, logits, pending.rows_of)
         except RuntimeError as error:
             raise self._worker_error(error) from error
 
@@ -112,15 +140,21 @@ class CollectiveExecutor:
             return
         self._is_shut_down = True
         try:
-            send_to_workers(Shutdown())
+            if self._sender is not None:
+                self._sender.stop(Shutdown())
+            else:
+                send_to_workers(self.parallel, Shutdown())
         except RuntimeError:
             pass   # a worker is gone already; the launcher stops the rest
         self.launcher.stop(timeout_seconds=30.0)
         dist.destroy_process_group()
 
-    def _send(self, message: StepPlan | AllocateKVCache) -> None:
+    def _send(self, message: Message) -> None:
         try:
-            send_to_workers(message)
+            if self._sender is not None:
+                self._sender.send(message)
+                return
+            send_to_workers(self.parallel, message)
         except RuntimeError as error:
             raise self._worker_error(error) from error
 
@@ -128,6 +162,60 @@ class CollectiveExecutor:
         failures = self.launcher.failures()
         detail = "; ".join(failures) if failures else str(error)
         return RankFailedError(f"a worker rank failed: {detail}")
+
+
+@dataclass
+class PendingStep:
+    executor: CollectiveExecutor
+    plan: StepPlan
+    scheduler_output: SchedulerOutput
+    rows_of: dict[int, SamplingRow]
+    started: StartedStep | None
+
+    def result(self) -> ModelRunnerOutput:
+        return self.executor._finish(self)
+
+
+class _Sender:
+    """Sends the driver's messages to each worker from a thread of its own for that worker, in order.
+
+    With batches in flight a later stage may be busy with the previous batch (or waiting to hand it to a
+    first-stage rank) when the next message is sent: a send blocks until its worker takes it, so one
+    worker's backlog must not hold up another's messages, nor the driver's own thread."""
+
+    def __init__(self, parallel: ModelParallel) -> None:
+        self.parallel = parallel
+        self.error: BaseException | None = None
+        self.outboxes: list[queue.SimpleQueue[Message | None]] = []
+        self.threads: list[threading.Thread] = []
+        for rank in range(1, parallel.world_size):
+            outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(rank, outbox), name=f"pagedserve-send-rank-{rank}",
+                                      daemon=True)
+            thread.start()
+            self.outboxes.append(outbox)
+            self.threads.append(thread)
+
+    def send(self, message: Message) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"sending to the workers failed: {self.error}")
+        for outbox in self.outboxes:
+            outbox.put(message)
+
+    def stop(self, last: Message) -> None:
+        for outbox in self.outboxes:
+            outbox.put(last)
+            outbox.put(None)
+        for thread in self.threads:
+            thread.join(30.0)
+
+    def _run(self, rank: int, outbox: queue.SimpleQueue[Message | None]) -> None:
+        while (message := outbox.get()) is not None:
+            try:
+                send_to_worker(self.parallel, rank, message)
+            except RuntimeError as error:
+                self.error = error
+                return
 
 
 def _join_watched(launcher: Launcher, join: Callable[[], ModelParallel]) -> ModelParallel:

@@ -14,6 +14,7 @@ class UniprocExecutor:
         self.platform = Platform.resolve(config, checkpoint.model_config.checkpoint_dtype, is_quantized)
         self.driver = ModelRunner(checkpoint.model_config, self.platform,
                                   checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed)
+        self.max_concurrent_batches = 1
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         return self.driver.kv_bytes_per_block(block_size)
@@ -24,5 +25,18 @@ class UniprocExecutor:
     def execute_model(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> ModelRunnerOutput:
         return self.driver.execute(scheduler_output, rows_of)
 
+    def start_step(self, scheduler_output: SchedulerOutput, rows_of: dict[int, SamplingRow]) -> FinishedStep:
+        return FinishedStep(self.execute_model(scheduler_output, rows_of))
+
     def shutdown(self) -> None:
         """Nothing runs outside this process."""
+
+
+class FinishedStep:
+    """A step that ran to the end when it started (one rank has nothing to overlap)."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass
 
 import psutil
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.distributed import ModelParallel, init_model_parallel
-from pagedserve.engine.model_runner import ModelRunner, StepPlan
+from pagedserve.engine.model_runner import ModelRunner, StartedStep, StepPlan
 from pagedserve.engine.platform import Platform
 from pagedserve.loader.checkpoint import Checkpoint, open_checkpoint
 
@@ -56,6 +57,21 @@ class Shutdown:
     """The driver is stopping: leave the loop."""
 
 
+@dataclass(frozen=True)
+class StartStep:
+    """Pipeline parallel: run this batch's part (the first stage keeps it for FinishStep)."""
+
+    plan: StepPlan
+
+
+@dataclass(frozen=True)
+class FinishStep:
+    """Pipeline parallel: the first stage finishes its oldest started batch (the logits)."""
+
+
+Message = StepPlan | AllocateKVCache | StartStep | FinishStep | Shutdown
+
+
 def use_interface_of(node_ip: str) -> None:
     """Point gloo at the network interface that holds `node_ip` (unless the user chose one), so ranks on
     several hosts meet over it rather than over whatever the host name resolves to."""
@@ -96,30 +112,54 @@ def run_worker(spec: WorkerSpec) -> int:
     except Exception as exc:   # reported to the driver, which fails start-up naming this rank
         error = f"{type(exc).__name__}: {exc}"
     dist.gather_object(describe_rank(spec.rank, spec.node_ip, platform, runner, error), dst=0)
-    status = 1 if runner is None else _serve(runner)
+    status = 1 if runner is None else _serve(runner, parallel)
     dist.destroy_process_group()
     return status
 
 
-def _serve(runner: ModelRunner) -> int:
+def _serve(runner: ModelRunner, parallel: ModelParallel) -> int:
+    started: deque[StartedStep] = deque()
+    is_first_stage = parallel.stage.is_first
     while True:
-        message = receive_from_driver()
+        message = receive_from_driver(parallel)
         if isinstance(message, StepPlan):
             runner.run(message)
+        elif isinstance(message, StartStep):
+            if is_first_stage:
+                started.append(runner.start(message.plan))
+            else:
+                runner.run(message.plan)
+        elif isinstance(message, FinishStep):
+            if is_first_stage:
+                runner.finish(started.popleft())
         elif isinstance(message, AllocateKVCache):
             runner.allocate_kv_cache(message.num_blocks, message.block_size)
         else:
             return 0
 
 
-def receive_from_driver() -> StepPlan | AllocateKVCache | Shutdown:
+def receive_from_driver(parallel: ModelParallel) -> Message:
     box: list[object] = [None]
-    dist.broadcast_object_list(box, src=0)
+    if parallel.stage.size > 1:
+        dist.recv_object_list(box, src=0, group=parallel.control_group)
+    else:
+        dist.broadcast_object_list(box, src=0, group=parallel.control_group)
     message = box[0]
-    assert isinstance(message, (StepPlan, AllocateKVCache, Shutdown)), f"unexpected message {message!r}"
+    assert isinstance(message, (StepPlan, AllocateKVCache, StartStep, FinishStep, Shutdown)), \
+        f"unexpected message {message!r}"
     return message
 
 
-def send_to_workers(message: StepPlan | AllocateKVCache | Shutdown) -> None:
-    """Every worker gets `message` once (rank 0 only)."""
-    dist.broadcast_object_list([message], src=0)
+def send_to_workers(parallel: ModelParallel, message: Message) -> None:
+    """Every worker gets `message` once (rank 0 only): one broadcast, when every rank runs each step in lockstep
+    (no pipeline stages)."""
+    dist.broadcast_object_list([message], src=0, group=parallel.control_group)
+
+
+def send_to_worker(parallel: ModelParallel, rank: int, message: Message) -> None:
+    """`message` to one worker (pipeline parallel).
+
+    NOTE: with batches in flight a later stage may be busy with the previous batch when the next is sent; a
+    broadcast (a tree in gloo) would then hold up the other ranks behind it while that stage waits for one of
+    them, so pipeline-parallel messages go point to point, each worker's in its own order."""
+    dist.send_object_list([message], dst=rank, group=parallel.control_group)

@@ -23,9 +23,10 @@ class CausalLM(nn.Module):
 
     # checkpoint module name -> (our fused module, shard id), for load_weights
     packed_modules: dict[str, tuple[str, str]] = {}
-    # True for families built from the parallel layers (tensor parallel) whose decoder stack builds only its
-    # pipeline stage's layers.
-    supports_parallel = False
+    # Families built from the parallel layers (layers/parallel_linear.py) run tensor parallel; those whose
+    # decoder stack builds only its pipeline stage's layers run pipeline parallel.
+    supports_tensor_parallel = False
+    supports_pipeline_parallel = False
 
     def __init__(self, config: ModelConfig, model: nn.Module, embed_tokens: VocabEmbedding | None) -> None:
         """`embed_tokens` is None on a pipeline stage after the first: the output head lives on the first

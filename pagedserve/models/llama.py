@@ -121,7 +121,8 @@ PACKED_MODULES = {
 
 class LlamaForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
-    supports_parallel = True
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, config: ModelConfig) -> None:
         model = LlamaModel(config)
