@@ -132,3 +132,18 @@ def test_ranks_that_do_not_divide_the_model_are_a_clear_error(smollm2_path, tiny
         LLM(str(tiny_llama_dir), pipeline_parallel_size=3)
     with pytest.raises(ValueError, match="uni runs one rank"):
         LLM(str(tiny_llama_dir), tensor_parallel_size=2, distributed_executor_backend="uni")
+
+
+def test_gemma3_sliding_window_tp2(tmp_path, restore_torch_threads):
+    """Gemma 3 (sliding and global layers, q/k norms, tied head) at TP=2; it has no pipeline stages yet."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=512, num_hidden_layers=3, head_dim=32,
+                              query_pre_attn_scalar=32, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    path = save_tiny_checkpoint(tmp_path / "gemma3", config, seed=2, perturb_vectors=True)
+    reference = run(engine(path), max_tokens=6)
+    assert_same(reference, parallel_run(path, max_tokens=6, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="cannot be split into pipeline stages yet"):
+        LLM(str(path), pipeline_parallel_size=2)
