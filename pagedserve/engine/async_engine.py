@@ -80,9 +80,12 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        """`on_fatal(error)` is called (on the engine's thread) when the model's ranks fail and the loop stops."""
         self.engine = engine
         self._on_step = on_step
+        self._on_fatal = on_fatal
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stopping = threading.Event()
@@ -126,6 +129,8 @@ class AsyncEngine:
             except RankFailedError as error:   # the model's ranks are broken: no step can run any more
                 logger.error("%s; the engine stops", error)
                 self._fail_all(error)
+                if self._on_fatal is not None:
+                    self._on_fatal(error)
                 break
             except Exception as error:   # a bug, not bad input: fail what is in flight, keep serving
                 logger.exception("engine step failed; aborting %d requests", len(self._streams))

@@ -28,10 +28,11 @@ _NUM_PROCESSOR_THREADS = 2
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.model_info: ModelInfo = engine.model_info()
         self._processor = processor
-        self._core = AsyncEngine(engine, on_step)
+        self._core = AsyncEngine(engine, on_step, on_fatal)
         self._stats = engine.stats
         self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
         self._ids = itertools.count()
@@ -39,12 +40,13 @@ class EngineClient:
     @classmethod
     def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
               sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
-              on_step: StepHook | None = None) -> EngineClient:
+              on_step: StepHook | None = None, on_fatal: Callable[[BaseException], None] | None = None
+              ) -> EngineClient:
         """Load the model (blocking: call it off the event loop) and start its step loop."""
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
                                               use_generation_config=use_generation_config)
-        return cls(engine, processor, on_step)
+        return cls(engine, processor, on_step, on_fatal)
 
     # ---- what the model is ----------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class _Server(uvicorn.Server):
 
 def run_server(server_config: ServerConfig, engine_config: EngineConfig,
                model_names: Sequence[str] | None = None) -> int:
-    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up."""
+    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up or its
+    worker ranks failed while serving."""
     holder: list[_Server] = []
     app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error),
                      model_names=model_names)
@@ -69,7 +70,8 @@ def run_server(server_config: ServerConfig, engine_config: EngineConfig,
     server = _Server(config, app.state.server)
     holder.append(server)
     server.run()
-    failed = any(model.load_error is not None for model in app.state.server.served_models)
+    failed = any(model.load_error is not None for model in app.state.server.served_models) \
+        or app.state.server.engine_failure is not None
     return 1 if failed else 0
 
 

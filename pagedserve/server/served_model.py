@@ -47,6 +47,8 @@ class ServedModel:
         self.num_active = 0                          # requests holding it
         self.expires_at: float | None = None         # Unix time it unloads, if idle and mortal
         self.details: Any = None                     # ModelDetails, read once on demand
+        # called (on the engine's thread) when its ranks fail: set by the server state
+        self.on_engine_failure: Callable[[BaseException], None] | None = None
         self._server_config = server_config
         self._families = families
         self.metrics = EngineMetrics(self.name, None, families)
@@ -91,7 +93,7 @@ class ServedModel:
         return EngineClient.start(self.engine_config, self.defaults,
                                   sampling_overrides=server_config.generation_overrides,
                                   use_generation_config=server_config.generation_config == "auto",
-                                  on_step=metrics.on_step)
+                                  on_step=metrics.on_step, on_fatal=self.on_engine_failure)
 
     def _loaded(self, client: EngineClient, metrics: EngineMetrics) -> None:
         self.client, self.metrics = client, metrics

@@ -47,6 +47,9 @@ class ServerState:
         self.is_draining = False
         self.num_in_flight = 0
         self._on_fatal = on_fatal
+        self.engine_failure: BaseException | None = None   # a model's ranks failed: the server exits non-zero
+        for model in self.served_models:
+            model.on_engine_failure = self._engine_failed
         self._startup: asyncio.Task | None = None
         self._drain_task: asyncio.Task | None = None
 
@@ -76,6 +79,7 @@ class ServerState:
                       else _LAZY_KEEP_ALIVE_SECONDS)
         model = ServedModel((name,), name, self.engine_config, self.server_config, self.families, is_eager=False,
                             keep_alive=keep_alive)
+        model.on_engine_failure = self._engine_failed
         self.models[name] = model
         return model
 
@@ -101,6 +105,13 @@ class ServerState:
                 logger.info("unloaded %s to load %s (--max-loaded-models %d)", victim.name, loading.name, limit)
 
     # ---- start-up and readiness -----------------------------------------------------------------
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """A model's worker ranks failed (on its engine's thread): no step can run, so the server stops and
+        exits non-zero, for a supervisor to restart it."""
+        self.engine_failure = error
+        if self._on_fatal is not None:
+            self._on_fatal(error)
 
     def start_loading(self) -> None:
         self._startup = asyncio.get_running_loop().create_task(self._load_at_startup())
