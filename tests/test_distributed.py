@@ -63,7 +63,7 @@ def parallel_run(path, max_tokens: int = 10, **parallel) -> list:
             assert llm.engine.num_overlapped_steps > 0
         return results
     finally:
-        llm.engine.shutdown()
+        llm.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_smollm2_gguf_packed_shards_match_one_process(smollm2_path, restore_torc
     try:
         actual = tokens_and_logprobs(llm)
     finally:
-        llm.engine.shutdown()
+        llm.shutdown()
     assert [tokens for tokens, _ in actual] == [tokens for tokens, _ in expected]
     for (_, ours), (_, theirs) in zip(actual, expected):
         assert ours == pytest.approx(theirs, abs=SMOLLM2_LOGPROB_ATOL)
