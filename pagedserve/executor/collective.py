@@ -5,6 +5,7 @@ the hand-over between pipeline stages is a send/recv, and only this rank samples
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
@@ -67,11 +68,18 @@ class CollectiveExecutor:
                               node_ip, timeout)
 
         num_local = launcher.start(world_size, spec_for)
-        use_interface_of(driver_ip)
         own_config = rank_config(config, 0, num_local)
         self._sender: _Sender | None = None
-        parallel = _join_watched(launcher, lambda: init_model_parallel(0, tp_size, pp_size, num_layers, init_method,
-                                                                       timeout))
+        # NOTE: gloo reads the interface as the groups are made; put the variable back after, so it does not
+        # leak into what this process starts later (another server, another cluster's ranks).
+        chosen = os.environ.get("GLOO_SOCKET_IFNAME")
+        use_interface_of(driver_ip)
+        try:
+            parallel = _join_watched(launcher, lambda: init_model_parallel(0, tp_size, pp_size, num_layers,
+                                                                           init_method, timeout))
+        finally:
+            if chosen is None:
+                os.environ.pop("GLOO_SOCKET_IFNAME", None)
         self.parallel = parallel
         error = None
         try:
