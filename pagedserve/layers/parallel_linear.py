@@ -48,11 +48,33 @@ class _ColumnParallel(Linear):
                              f"{shard_id}")
         return _rows_of(loaded, start, local)
 
+    def _whole(self, loaded: torch.Tensor | PackedWeight) -> list[tuple[str, torch.Tensor | PackedWeight]]:
+        """A checkpoint that stores the pieces already fused (Phi-3's qkv_proj, gate_up_proj), cut back into
+        its pieces, in order."""
+        total = sum(full for full, _, _ in self.pieces.values())
+        if loaded.shape[0] != total:
+            raise ValueError(f"a fused weight of shape {tuple(loaded.shape)} does not hold {total} rows "
+                             f"({', '.join(self.pieces)})")
+        cut, start = [], 0
+        for name, (full, _, _) in self.pieces.items():
+            cut.append((name, _rows_of(loaded, start, full)))
+            start += full
+        return cut
+
     def _load_piece(self, param: nn.Parameter, loaded: torch.Tensor | PackedWeight, shard_id: str | None = None
                     ) -> None:
+        if shard_id is None:
+            for name, whole in self._whole(loaded):
+                self._load_piece(param, whole, name)
+            return
         self._load_shard(param, self._piece(loaded, shard_id), shard_id)
 
     def _load_bias_piece(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:
+            for name, whole in self._whole(loaded):
+                assert isinstance(whole, torch.Tensor)
+                self._load_bias_piece(param, whole, name)
+            return
         piece = self._piece(loaded, shard_id)
         assert isinstance(piece, torch.Tensor)
         self._load_bias(param, piece, shard_id)

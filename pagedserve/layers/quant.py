@@ -77,6 +77,8 @@ class PackedWeight:
     def columns(self, start: int, stop: int) -> PackedWeight | torch.Tensor:
         """The weights of input columns [start, stop) (a row-parallel shard). Still packed when the cut
         falls on group boundaries; otherwise only the groups it touches are dequantized (float32)."""
+        if start == 0 and stop == self.shape[1]:   # all of them (one rank)
+            return self
         if self.input_order is not None:
             raise ValueError("act-order (desc_act) GPTQ weights cannot be split by input columns")
         group = self.group_size
