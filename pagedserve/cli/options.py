@@ -23,8 +23,7 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer_mode": (str, "the fast tokenizer is always used"),
     "disable_custom_all_reduce": (bool, "there is no custom all-reduce"),
     "max_seq_len_to_capture": (int, "no CUDA graphs are captured"),
-    "distributed_executor_backend": (str, "one process serves the model"),
-    "worker_use_ray": (bool, "one process serves the model"),
+    "worker_use_ray": (bool, "use --distributed-executor-backend ray"),
     "enable_chunked_prefill": (bool, "chunked prefill is always on"),
     "use_v2_block_manager": (bool, "there is one block manager"),
     "guided_decoding_backend": (str, "structured output always uses xgrammar"),
@@ -125,12 +124,6 @@ def server_config_from_options(options: dict[str, Any]) -> ServerConfig:
 def _inapplicable_engine_options(options: dict[str, Any], config: EngineConfig) -> list[str]:
     """One line per engine option the user set that this engine or device cannot honour."""
     lines = []
-    if config.tensor_parallel_size > 1:
-        lines.append(f"--tensor-parallel-size {config.tensor_parallel_size}: the model runs in 1 process; "
-                     "tensor parallelism is not supported yet")
-    if config.pipeline_parallel_size > 1:
-        lines.append(f"--pipeline-parallel-size {config.pipeline_parallel_size}: the model runs in 1 process; "
-                     "pipeline parallelism is not supported yet")
     if config.quantization not in (None, "awq", "gptq", "awq_marlin", "gptq_marlin", "compressed-tensors", "gguf"):
         lines.append(f"--quantization {config.quantization} has no effect here: weights are used as they are "
                      "stored (awq, gptq and compressed-tensors checkpoints load packed; a GGUF carries its own)")

@@ -10,6 +10,7 @@ from pagedserve.config.environment import parse_cpu_list
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OMP_WAIT_POLICIES = ("auto", "active", "passive")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 RUNNER_CHOICES = ("auto", "generate", "pooling")
 CONVERT_CHOICES = ("auto", "none", "embed")
@@ -82,6 +83,12 @@ class EngineConfig:
                 "its sentence-transformers config says otherwise)"})
     task: str = field(default="auto", metadata={
         "choices": TASK_CHOICES, "help": "vLLM's older spelling: embed = --runner pooling, generate = --runner generate"})
+    distributed_executor_backend: str | None = field(default=None, metadata={
+        "choices": EXECUTOR_BACKENDS,
+        "help": "how the ranks run: uni (one process; the default for one rank), mp (processes on this machine; "
+                "the default for more), ray (Ray actors across the cluster's nodes)"})
+    distributed_timeout_seconds: int | None = field(default=None, metadata={
+        "help": "how long ranks wait for each other (start-up, each step) before failing (default 300)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -114,6 +121,11 @@ class EngineConfig:
         self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.distributed_executor_backend is not None and self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.distributed_timeout_seconds is not None and self.distributed_timeout_seconds < 1:
+            raise ValueError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
 
     @property
     def runner_choice(self) -> str:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from pagedserve.executor import RankFailedError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.outputs import RequestOutput
@@ -182,6 +183,8 @@ class AsyncEngine:
                             exc_info=error)
             self._die(error)
             return
+        finally:
+            self.engine.shutdown()   # the worker ranks, if any, end with the loop
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _loop(self) -> None:
@@ -194,6 +197,8 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except RankFailedError:   # the model's ranks are broken: no step can run any more, the loop dies
+                raise
             except Exception as error:   # a bug, not bad input: fail what is in flight, keep serving
                 logger.exception("engine step failed; aborting %d requests", len(self._streams))
                 self._fail_all(RequestFailedError("the engine failed while running this request", error))
@@ -230,7 +235,9 @@ class AsyncEngine:
     def _die(self, error: BaseException) -> None:
         with self._inbox_lock:
             self.death = error
-            dead = EngineDeadError("the engine has stopped")
+            # a rank failure is the server's fault but names no internals: clients may see which rank
+            dead = EngineDeadError(f"the engine has stopped: {error}" if isinstance(error, RankFailedError)
+                                   else "the engine has stopped")
             while True:
                 try:
                     command = self._inbox.get_nowait()

@@ -25,6 +25,10 @@ class LLM:
         self.processor = InputProcessor.for_engine(self.engine, model_defaults)
         self._next_id = 0
 
+    def shutdown(self) -> None:
+        """Stop the model's worker ranks (tensor / pipeline parallel); nothing to do for one rank."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -16,6 +17,7 @@ from pagedserve.engine.processor import EngineRequest
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
 from pagedserve.engine.structured_output import GrammarMatchers
+from pagedserve.executor import Executor, PendingOutput, make_executor
 from pagedserve.layers.sampler import SamplingRow, TokenLogprobs
 from pagedserve.loader.checkpoint import open_checkpoint
 from pagedserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -106,13 +108,17 @@ class LLMEngine:
             # NOTE: an embedding is compared by cosine with the reference model's; bfloat16 moves it by ~1e-4,
             # float32 keeps it within 1e-6 (and encoders are small enough for float32 to cost little).
             platform_config = config.replace(dtype="float32")
-        self.platform = Platform.resolve(platform_config, self.model_config.checkpoint_dtype, is_quantized)
-        self.runner = ModelRunner(self.model_config, self.platform,
-                                  checkpoint.weights(packed=self.platform.use_cpu_kernels), config.seed,
-                                  self.pooler_config)
-        self.max_model_len = self._resolve_max_model_len()
-        num_blocks = self._resolve_num_blocks()
-        self.runner.allocate_kv_cache(num_blocks, config.block_size)
+        # one rank here, or rank 0 (the driver) of a tensor / pipeline parallel model
+        self.executor: Executor = make_executor(platform_config, checkpoint, is_quantized, self.pooler_config)
+        self.platform: Platform = self.executor.platform
+        self.runner: ModelRunner = self.executor.driver
+        try:
+            self.max_model_len = self._resolve_max_model_len()
+            num_blocks = self._resolve_num_blocks()
+            self.executor.allocate_kv_cache(num_blocks, config.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         # Encoders and MEAN/CLS pooling read a prompt's rows all at once: no chunks, no cached prefixes.
         whole_prompts = self.pooler_config is not None and (not self.model_config.is_causal
                                                             or self.pooler_config.needs_whole_prompt)
@@ -131,6 +137,9 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.grammar_matchers = GrammarMatchers()
         self._failures: dict[str, Exception] = {}   # requests that failed in a step, until taken
+        # pipeline parallel: started batches, oldest first
+        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
+        self.num_overlapped_steps = 0    # steps started while an earlier one was still in flight
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens_total = 0
         self.load_seconds = time.perf_counter() - start
@@ -202,7 +211,7 @@ class LLMEngine:
                 if request.metrics.first_scheduled_time is None and now - request.metrics.arrival_time > seconds]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or bool(self._in_flight)
 
     @property
     def num_requests(self) -> int:
@@ -227,13 +236,49 @@ class LLMEngine:
             weight_bytes=runner.num_parameter_bytes,
             kv_cache_bytes=self.block_manager.num_blocks * runner.kv_bytes_per_block(self.config.block_size))
 
+    def shutdown(self) -> None:
+        """Stop the worker ranks, if any (a single-rank engine has none)."""
+        self.executor.shutdown()
+
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.executor.max_concurrent_batches > 1:
+            return self._pipelined_step()
         scheduler_output = self.scheduler.schedule()
         self.grammar_matchers.remove(scheduler_output.finished_seq_ids)
         if scheduler_output.is_empty:
             return []
+        rows, pooling_of = self._start_step(scheduler_output)
+        if pooling_of:   # an embedding step: pooling models run on one rank
+            runner_output = self.runner.execute(scheduler_output, rows, pooling_of)
+        else:
+            runner_output = self.executor.execute_model(scheduler_output, rows)
+        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
+        return self._process_outputs(scheduler_output, runner_output, appended)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Pipeline parallel: start batches (of sequences not already in flight) until every stage has one,
+        then finish the oldest. While the later stages run a batch, the first one runs the next."""
+        while len(self._in_flight) < self.executor.max_concurrent_batches:
+            in_flight = frozenset(item.seq.seq_id for output, _ in self._in_flight for item in output.scheduled)
+            scheduler_output = self.scheduler.schedule(in_flight)
+            if scheduler_output.is_empty:
+                break
+            rows, _ = self._start_step(scheduler_output)   # (pooling models are never pipelined)
+            self.num_overlapped_steps += bool(self._in_flight)
+            self._in_flight.append((scheduler_output, self.executor.start_step(scheduler_output, rows)))
+        if not self._in_flight:
+            return []
+        scheduler_output, pending = self._in_flight.popleft()
+        runner_output = pending.result()
+        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
+        return self._process_outputs(scheduler_output, runner_output, appended)
+
+    def _start_step(self, scheduler_output: SchedulerOutput
+                    ) -> tuple[dict[int, SamplingRow], dict[int, PoolingParams]]:
+        """Per-step bookkeeping as a step starts; the sampling state of each sequence it samples, and the
+        pooling params of each it pools."""
         now = time.time()
         rows = {}
         pooling_of: dict[int, PoolingParams] = {}
@@ -249,9 +294,7 @@ class LLMEngine:
                 seq = item.seq
                 rows[seq.seq_id] = SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens,
                                                seq.eos_token_ids, self.grammar_matchers.matcher_for(seq))
-        runner_output = self.runner.execute(scheduler_output, rows, pooling_of)
-        appended = self.scheduler.update(scheduler_output, runner_output.sampled_token_ids)
-        return self._process_outputs(scheduler_output, runner_output, appended)
+        return rows, pooling_of
 
     def _process_outputs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
                          appended: list[Sequence]) -> list[RequestOutput]:
@@ -260,7 +303,9 @@ class LLMEngine:
         scheduled = {item.seq.seq_id: item for item in scheduler_output.scheduled}
         for seq_id, chunk_logprobs in runner_output.prompt_logprobs.items():
             item = scheduled[seq_id]
-            request = self._requests[item.seq.request_id]
+            request = self._requests.get(item.seq.request_id)
+            if request is None:   # aborted while its step was in flight (pipeline parallel)
+                continue
             assert request.prompt_logprobs is not None, "prompt logprobs of a request that asked for none"
             # NOTE: a preempted sequence recomputes its prompt; positions already reported are not repeated.
             num_known = len(request.prompt_logprobs) - (item.start + 1)
@@ -389,7 +434,8 @@ class LLMEngine:
         elif self.runner.kv_bytes_per_block(block_size) == 0:
             num_blocks = most_useful   # an encoder: blocks only count tokens in flight, nothing is cached
         else:
-            num_blocks = self.platform.kv_cache_bytes(self.config) // self.runner.kv_bytes_per_block(block_size)
+            # NOTE: per rank, as vLLM's CPU backend sizes it: each rank holds its layers' share of the heads.
+            num_blocks = self.platform.kv_cache_bytes(self.config) // self.executor.kv_bytes_per_block(block_size)
             # No use holding more than every sequence at full length could fill.
             num_blocks = min(num_blocks, most_useful)
         if num_blocks * block_size < self.max_model_len:

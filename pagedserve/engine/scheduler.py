@@ -61,15 +61,20 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[int] = frozenset()) -> SchedulerOutput:
+        """The next step. `in_flight`: ids of sequences whose previous step is still running (pipeline
+        parallel keeps several batches in flight); they are neither scheduled nor preempted now."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         num_preempted_before = self.num_preemptions
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.seq_id in in_flight:
+                index += 1
+                continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new_tokens):
+            if not self._allocate_or_preempt(seq, num_new_tokens, index, in_flight):
                 break
             scheduled.append(ScheduledSequence(seq, num_new_tokens, seq.num_computed_tokens))
             budget -= num_new_tokens
@@ -120,9 +125,12 @@ class Scheduler:
             self.finish(child, status)
         seq.pending_forks = []
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, index: int, in_flight: frozenset[int]) -> bool:
+        """`seq` is running[index]; the victims are the newest sequences after it that are not in flight."""
         while not self.block_manager.allocate(seq, num_new_tokens):
-            victim = self.running.pop()
+            position = next(p for p in range(len(self.running) - 1, index - 1, -1)
+                            if self.running[p].seq_id not in in_flight)
+            victim = self.running.pop(position)
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -68,11 +68,31 @@ class PackedWeight:
         return PackedWeight(base.codes, self.scales.repeat_interleave(repeat, dim=1), offsets, group_size,
                             input_order=self.input_order)
 
-    def rows(self, index: torch.Tensor) -> PackedWeight:
+    def rows(self, index: torch.Tensor | slice) -> PackedWeight:
         """The weights of the given output rows (e.g. to undo a row permutation)."""
         offsets = None if self.offsets is None else self.offsets[index]
         return PackedWeight(self.codes[index], self.scales[index], offsets, self.group_size, self.bits,
                             self.input_order)
+
+    def columns(self, start: int, stop: int) -> PackedWeight | torch.Tensor:
+        """The weights of input columns [start, stop) (a row-parallel shard). Still packed when the cut
+        falls on group boundaries; otherwise only the groups it touches are dequantized (float32)."""
+        if start == 0 and stop == self.shape[1]:   # all of them (one rank)
+            return self
+        if self.input_order is not None:
+            raise ValueError("act-order (desc_act) GPTQ weights cannot be split by input columns")
+        group = self.group_size
+        if start % group == 0 and stop % group == 0:
+            offsets = None if self.offsets is None else self.offsets[:, start // group:stop // group]
+            scales = self.scales[:, start // group:stop // group]
+            # NOTE: a 4-bit group is its own 16 bytes (GGUF's layout), so whole groups slice as bytes.
+            codes = self.codes[:, start * self.bits // 8:stop * self.bits // 8]
+            return PackedWeight(codes.contiguous(), scales.contiguous(),
+                                None if offsets is None else offsets.contiguous(), group, self.bits)
+        first, last = start // group * group, -(-stop // group) * group
+        touched = self.columns(first, last)
+        assert isinstance(touched, PackedWeight)
+        return touched.dequantize()[:, start - first:stop - first]
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

@@ -37,16 +37,20 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 class GraniteModel(LlamaModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
+        if self.embed_tokens is None or self.norm is None:
+            raise ValueError("Granite runs on one pipeline stage (--pipeline-parallel-size 1)")
         self.embedding_multiplier = config.embedding_multiplier
         self.layers = torch.nn.ModuleList(GraniteDecoderLayer(config, i) for i in range(config.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids) * self.embedding_multiplier   # [num_tokens, hidden_size]
+        embed_tokens, norm = self.embed_tokens, self.norm
+        assert embed_tokens is not None and norm is not None   # one stage: checked at construction
+        hidden_states = embed_tokens(input_ids) * self.embedding_multiplier   # [num_tokens, hidden_size]
         cos_sin = self.rotary_emb(positions)
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(cos_sin, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
+        hidden_states, _ = norm(hidden_states, residual)
         return hidden_states
 
 

@@ -29,6 +29,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
     ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_prefixes", ())
     ignored_suffixes: tuple[str, ...] = _IGNORED_SUFFIXES + getattr(model, "ignored_checkpoint_suffixes", ())
     tied = getattr(model.config, "tie_word_embeddings", False)
+    # NOTE: under pipeline parallelism another stage's layers are no error here: that stage loads them.
+    is_elsewhere = getattr(model, "is_elsewhere", lambda name: False)
     expected = set(_expected_shards(params, packed))
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
@@ -37,7 +39,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
         name = _renamed(name, renamed)
         for old, new in infixes.items():
             name = name.replace(old, new)
-        if name.endswith(ignored_suffixes) or (tied and name == "lm_head.weight"):
+        if name.endswith(ignored_suffixes) or (tied and name == "lm_head.weight") or is_elsewhere(name):
             continue
         param_name, shard_id = _our_name(name, packed)
         param = params.get(param_name)
