@@ -23,7 +23,7 @@ from pagedserve.layers.moe import SparseMoeBlock
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
 from pagedserve.models.causal_lm import CausalLM
-from pagedserve.models.llama import LlamaMLP
+from pagedserve.models.llama import LlamaMLP, PreNormDecoderLayer
 
 # V3's checkpoints carry multi-token-prediction layers after the last decoder layer (one for V3/R1).
 _MAX_MTP_LAYERS = 4
@@ -76,7 +76,7 @@ class DeepseekAttention(nn.Module):
         return apply_rotary(x.contiguous(), cos_sin, rope)
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         assert config.moe is not None, "DeepSeek layers need the config's routing"
@@ -85,17 +85,6 @@ class DeepseekDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (SparseMoeBlock(config.hidden_size, config.hidden_act, config.moe)
                                if config.moe.sparse_layers[layer_index] else LlamaMLP(config))
-
-    def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(cos_sin, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class DeepseekModel(nn.Module):

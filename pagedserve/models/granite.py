@@ -12,7 +12,7 @@ import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.layers.rotary import CosSin
-from pagedserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from pagedserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
 class GraniteDecoderLayer(LlamaDecoderLayer):
@@ -20,6 +20,7 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
         super().__init__(config, layer_index)
         self.residual_multiplier = config.residual_multiplier
         if config.attention_multiplier is not None:
+            assert isinstance(self.self_attn, LlamaAttention)
             self.self_attn.attn.scale = config.attention_multiplier
 
     def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None

@@ -13,12 +13,12 @@ from pagedserve.config import ModelConfig
 from pagedserve.layers.linear import VocabEmbedding
 from pagedserve.layers.moe import SparseMoeBlock
 from pagedserve.layers.norm import RMSNorm
-from pagedserve.layers.rotary import CosSin, RotaryEmbedding
+from pagedserve.layers.rotary import RotaryEmbedding
 from pagedserve.models.causal_lm import CausalLM
-from pagedserve.models.llama import PACKED_MODULES, LlamaAttention, LlamaMLP
+from pagedserve.models.llama import PACKED_MODULES, LlamaAttention, LlamaMLP, PreNormDecoderLayer
 
 
-class MoEDecoderLayer(nn.Module):
+class MoEDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         assert config.moe is not None, "an MoE layer needs the config's routing"
@@ -27,17 +27,6 @@ class MoEDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (SparseMoeBlock(config.hidden_size, config.hidden_act, config.moe)
                                if config.moe.sparse_layers[layer_index] else LlamaMLP(config))
-
-    def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(cos_sin, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 class MoEModel(nn.Module):
