@@ -26,8 +26,9 @@ MODEL = "smollm2-135m-instruct"
 _WORK_FIELDS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2, "best_of": 2, "num_predict": 4, "num_ctx": 4096,
                 "logprobs": 3, "top_logprobs": 3, "prompt_logprobs": 3, "min_tokens": 2}
 
+# (JSON has no NaN or infinity: a client cannot send them, and httpx refuses to encode them)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12)
 
@@ -52,7 +53,7 @@ def strategy_for(annotation: Any) -> st.SearchStrategy:
     if annotation is int:
         return st.integers(-5, 5) | st.integers(-2**70, 2**70)
     if annotation is float:
-        return st.floats(-5, 5) | st.floats(allow_nan=False)
+        return st.floats(-5, 5) | st.floats(allow_nan=False, allow_infinity=False)
     return st.from_type(annotation)
 
 
