@@ -68,6 +68,9 @@ class EngineConfig:
                                                            "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
+    enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters (PEFT folders) beside the model"})
+    max_loras: int = field(default=1, metadata={"help": "most LoRA adapters loaded at once"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank accepted"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -93,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         if self.cpu_threads_bind is not None:
             bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be positive")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
 

@@ -14,6 +14,7 @@ from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
+from pagedserve.layers.lora import LoRABatch
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 from pagedserve.models.causal_lm import CausalLM
@@ -92,7 +93,7 @@ class ModelRunner:
         self.sampler.forget(scheduler_output.finished_seq_ids)
         inputs = self._prepare_inputs(scheduler_output)
         # NOTE: the context spans the logits too: the output head is one of this model's (packed) layers.
-        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels, _lora_batch(inputs))):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden_size]
             return self._outputs(inputs, hidden_states, rows_of)
 
@@ -165,6 +166,19 @@ class ModelRunner:
         )
         return _StepInputs(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                            positions_t.to(self.device), metadata, items, query_starts)
+
+
+def _lora_batch(inputs: _StepInputs) -> LoRABatch | None:
+    """The token rows of each adapter this step, or None when every row runs the base model."""
+    rows_of: dict[int, list[int]] = {}
+    for item, query_start in zip(inputs.items, inputs.query_starts):
+        if item.seq.lora_slot:
+            rows_of.setdefault(item.seq.lora_slot, []).extend(range(query_start, query_start + item.num_new_tokens))
+    if not rows_of:
+        return None
+    device = inputs.input_ids.device
+    return LoRABatch(tuple((slot, torch.tensor(rows, dtype=torch.long, device=device))
+                           for slot, rows in sorted(rows_of.items())))
 
 
 def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:

@@ -29,6 +29,7 @@ class EngineRequest:
     params: SamplingParams
     max_tokens: int
     arrival_time: float = field(default_factory=time.time)
+    lora_name: str | None = None     # the LoRA adapter serving it (loaded in the engine), None = base model
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,14 @@ class InputProcessor:
             raise SamplingParamsError(param, f"token ids must be in [0, {vocab_size}); got {bad[0]}")
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                add_special_tokens: bool = True, arrival_time: float | None = None) -> EngineRequest:
+                add_special_tokens: bool = True, arrival_time: float | None = None,
+                lora_name: str | None = None) -> EngineRequest:
         """Tokenize and check one request; raises ValueError (naming the field as `param` where there is
         one) for anything the engine could not serve."""
         prompt_token_ids = self.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.check(prompt_token_ids, params)
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, prompt_token_ids, params,
-                             max_tokens, time.time() if arrival_time is None else arrival_time)
+                             max_tokens, time.time() if arrival_time is None else arrival_time, lora_name)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model; returns its resolved max_tokens."""
