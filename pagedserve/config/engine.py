@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,9 @@ class EngineConfig:
     enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters (PEFT folders) beside the model"})
     max_loras: int = field(default=1, metadata={"help": "most LoRA adapters loaded at once"})
     max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank accepted"})
+    lora_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "LoRA adapters served at start-up, each name=path or vLLM's JSON "
+                "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; needs --enable-lora"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -98,6 +102,27 @@ class EngineConfig:
             bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("max_loras and max_lora_rank must be positive")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        self.lora_adapters()   # raises ValueError naming a bad entry
+
+    def lora_adapters(self) -> list[tuple[str, str, str | None]]:
+        """--lora-modules as (name, path, base_model_name): `name=path` or vLLM's JSON form."""
+        adapters = []
+        for entry in self.lora_modules:
+            text = entry.strip()
+            if text.startswith("{"):
+                try:
+                    spec = json.loads(text)
+                    adapters.append((str(spec["name"]), str(spec["path"]), spec.get("base_model_name")))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"--lora-modules {entry!r}: the JSON form needs \"name\" and \"path\"") from None
+                continue
+            name, sep, path = text.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {entry!r}: expected name=path or a JSON object")
+            adapters.append((name, path, None))
+        return adapters
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
 

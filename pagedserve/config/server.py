@@ -64,6 +64,9 @@ class ServerConfig:
         default=True, metadata={"help": "serve the web chat at / to browsers; with --no-webui, GET / only answers "
                                         "'Ollama is running', as it does for other clients", "aliases": ("--webui",)})
 
+    allow_runtime_lora_updating: bool = field(default=False, metadata={
+        "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)"})
+
     def __post_init__(self) -> None:
         for name in ("served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"):
             object.__setattr__(self, name, _string_list(name, getattr(self, name)))

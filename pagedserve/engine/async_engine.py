@@ -8,11 +8,12 @@ aborted, which frees its KV blocks at the start of the next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.processor import EngineRequest
@@ -49,6 +50,14 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Call:
+    """Run `function(engine)` on the loop thread (the only one that may touch the engine)."""
+
+    function: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
 class RequestStream:
     """Async iterator over one request's outputs. Call `abort()` if you stop before it finishes."""
 
@@ -82,7 +91,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
         self.engine = engine
         self._on_step = on_step
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pagedserve-engine", daemon=True)
@@ -108,6 +117,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
+
+    async def call(self, function: Callable[[LLMEngine], Any]) -> Any:
+        """`function(engine)` between steps, on the loop thread; its result or its exception."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Call(function, future))
+        return await asyncio.wrap_future(future)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -148,8 +165,14 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _apply(self, command: _Add | _Abort | None) -> None:
+    def _apply(self, command: _Add | _Abort | _Call | None) -> None:
         if command is None:
+            return
+        if isinstance(command, _Call):
+            try:
+                command.future.set_result(command.function(self.engine))
+            except Exception as error:   # the caller's to answer (e.g. a bad adapter: a 4xx)
+                command.future.set_exception(error)
             return
         if isinstance(command, _Abort):
             self._streams.pop(command.request_id, None)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
+from pagedserve.engine.lora import LoadedAdapter
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
@@ -91,15 +92,28 @@ class EngineClient:
     # ---- running requests -----------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       add_special_tokens: bool = True) -> RequestStream:
-        """Check and queue one request; its outputs arrive on the returned stream. Raises ValueError
-        (nothing queued) for a request the model cannot serve."""
+                       add_special_tokens: bool = True, lora_name: str | None = None) -> RequestStream:
+        """Check and queue one request (`lora_name`: served by that loaded adapter); its outputs arrive on
+        the returned stream. Raises ValueError (nothing queued) for a request the model cannot serve."""
         request_id = request_id or f"req-{next(self._ids)}"
-        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens)
+        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens, None,
+                                  lora_name)
         return await self._core.add_request(request)
 
     def abort(self, request_id: str) -> None:
         self._core.abort(request_id)
+
+    # ---- LoRA adapters (applied between steps) --------------------------------------------------
+
+    async def add_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Raises LoRAError (a ValueError; nothing loaded) for a bad adapter or a full set of slots."""
+        return await self._core.call(lambda engine: engine.add_lora(name, path))
+
+    async def remove_lora(self, name: str) -> None:
+        await self._core.call(lambda engine: engine.remove_lora(name))
+
+    async def list_loras(self) -> list[LoadedAdapter]:
+        return await self._core.call(lambda engine: engine.list_loras())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""

@@ -98,6 +98,8 @@ class LLMEngine:
         if config.enable_lora:
             self.lora = LoRAManager(self.runner.model, config.max_loras, config.max_lora_rank, self.platform.dtype,
                                     self.platform.device)
+            for name, path, _base in config.lora_adapters():
+                self.lora.add(name, path)
         self.max_model_len = self._resolve_max_model_len()
         num_blocks = self._resolve_num_blocks()
         self.runner.allocate_kv_cache(num_blocks, config.block_size)

@@ -44,6 +44,10 @@ class ServerState:
         self.families = MetricFamilies()
         self.models = build_models(server_config, engine_config, self.families,
                                    [engine_config.model] if model_names is None else list(model_names))
+        # LoRA adapter name -> (the model it adapts, its folder, the base name /v1/models shows as parent);
+        # --lora-modules are loaded by the first model's engine, as vLLM serves one model.
+        self.loras: dict[str, tuple[ServedModel, str, str | None]] = {
+            name: (self.served_models[0], path, base) for name, path, base in engine_config.lora_adapters()}
         self.is_draining = False
         self.num_in_flight = 0
         self._on_fatal = on_fatal
@@ -63,7 +67,13 @@ class ServerState:
         """The model a request names (also as `name:latest`); no name: the first one."""
         if name is None:
             return self.served_models[0]
+        if name in self.loras:
+            return self.loras[name][0]
         return self.models.get(name) or self.models.get(name.removesuffix(":latest"))
+
+    def lora_name(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's model name selects, or None for a base model."""
+        return name if name is not None and name in self.loras and name not in self.models else None
 
     # ---- models added and removed while serving (Ollama's /api/pull, /api/create, /api/copy, /api/delete)
 

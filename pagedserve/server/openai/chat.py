@@ -50,7 +50,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                  len(prompt.token_ids), state.server_config.response_role, state.server_config.reasoning_parser,
                  _echo_text(body, state.server_config.response_role))
     state.log_received(chat.request_id, prompt.text, params)
-    stream = await client.generate(prompt.token_ids, params, chat.request_id)
+    stream = await client.generate(prompt.token_ids, params, chat.request_id, lora_name=state.lora_name(body.model))
     tracker = state.track(model, [stream])
     if body.stream:
         return EventStreamResponse(_stream_chat(chat, stream, state, tracker), on_close=tracker.close)
