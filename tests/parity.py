@@ -40,11 +40,12 @@ def hf_greedy(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple
 
 
 def check_parity(llm: LLM, hf_model, tokenizer, atol: float, prompts: list[str] = PROMPTS,
-                 max_tokens: int = MAX_TOKENS) -> None:
-    """All prompts through `llm` at once; each token and prompt logprob must match `hf_model` on its own."""
+                 max_tokens: int = MAX_TOKENS, lora_request=None) -> list:
+    """All prompts through `llm` at once (under `lora_request`'s adapter, if given); each token and prompt
+    logprob must match `hf_model` on its own. Returns the outputs."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=1, logprobs=0)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
-    outputs = llm.generate(prompt_ids, params)
+    outputs = llm.generate(prompt_ids, params, lora_request=lora_request)
     for ids, output in zip(prompt_ids, outputs):
         expected_tokens, expected_logprobs = hf_greedy(hf_model, tokenizer, ids, max_tokens)
         assert output.outputs[0].token_ids == expected_tokens, f"prompt {tokenizer.decode(ids)!r}"
@@ -55,3 +56,4 @@ def check_parity(llm: LLM, hf_model, tokenizer, atol: float, prompts: list[str] 
             theirs = expected_logprobs[position - 1, token].item()
             assert abs(ours - theirs) < atol, f"position {position}: {ours} vs {theirs}"
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    return outputs

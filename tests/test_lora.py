@@ -142,3 +142,33 @@ def test_lora_needs_enable_lora(tiny_llama_dir, adapters):
     llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, num_threads=1)
     with pytest.raises(LoRAError, match="--enable-lora"):
         llm.generate("hi", SamplingParams(max_tokens=2), lora_request=LoRARequest("attn", 1, str(adapters["attn"][0])))
+
+
+def test_adapter_on_a_packed_gguf_base_keeps_it_packed(smollm2_path, tmp_path, restore_torch_threads):
+    """The adapter rides beside Q4_1 blocks (never merged into them) and matches peft merged into transformers'
+    dequantized load of the same GGUF, within the base model's own parity tolerance (tests/test_parity.py)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.parity import check_parity
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().eval()
+    llm = LLM(str(smollm2_path), dtype="float32", enable_lora=True, max_lora_rank=8, max_num_batched_tokens=32,
+              num_kv_blocks=256)
+    layer = llm.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.packed is not None and layer.self_attn.qkv_proj.weight is None
+    request = LoRARequest("smol", 1, str(tmp_path / "adapter"))
+    adapted = check_parity(llm, merged, llm.get_tokenizer(), atol=2e-3, prompts=PROMPTS[:4], lora_request=request)
+    assert layer.self_attn.qkv_proj.packed is not None
+    prompt_ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:4]]   # as check_parity sends them
+    base_outputs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=12))
+    assert [o.outputs[0].token_ids for o in adapted] != [o.outputs[0].token_ids for o in base_outputs]
