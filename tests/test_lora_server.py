@@ -58,6 +58,11 @@ def test_adapter_by_model_name_and_listing(server, adapter_dirs, expected):
         assert answer.model == name
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="chat", prompt=PROMPT, max_tokens=2)
+    # Ollama's routes pick the adapter by name too
+    ollama = httpx.post(server.url("/api/generate"), json={"model": "sql", "prompt": PROMPT, "raw": True,
+                                                            "stream": False,
+                                                            "options": {"temperature": 0, "num_predict": 8}})
+    assert ollama.status_code == 200 and ollama.json()["response"] == expected["sql"]
 
 
 def test_load_and_unload_at_runtime(server, adapter_dirs, expected):

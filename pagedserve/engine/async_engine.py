@@ -151,6 +151,19 @@ class AsyncEngine:
                         del self._streams[output.request_id]
             self._report(outputs)
         self._fail_all(EngineDeadError("the server is shutting down"))
+        self._fail_pending_calls()
+
+    def _fail_pending_calls(self) -> None:
+        """Requests and calls queued as the loop stopped get an answer, not a wait forever."""
+        try:
+            while True:
+                command = self._inbox.get_nowait()
+                if isinstance(command, _Call):
+                    command.future.set_exception(EngineDeadError("the server is shutting down"))
+                elif isinstance(command, _Add):
+                    command.put(EngineDeadError("the server is shutting down"))
+        except queue.Empty:
+            pass
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         if self._on_step is not None:
