@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 # Logit bias values outside this range are rejected, as OpenAI does.
 _LOGIT_BIAS_LIMIT = 100.0
@@ -19,6 +21,66 @@ class OutputKind(Enum):
 
 
 _GREEDY_TEMPERATURE = 1e-5
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must be, as vLLM's `StructuredOutputsParams`: exactly one of a JSON schema (a dict
+    or its JSON text), a regex, a list of choices, an EBNF/GBNF (or Lark) grammar, any JSON object, or an
+    xgrammar structural tag (a dict or its JSON text). Checked on construction; whether the schema,
+    regex or grammar compiles is checked when the request is processed."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    # The grammar applies only after this text ends the output's reasoning (a reasoning model's
+    # "</think>"): the thinking before it is free, as in vLLM.
+    starts_after: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in _STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        _check(len(given) == 1, "structured_outputs",
+               f"structured_outputs needs exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
+               f"{', '.join(given) or 'none'}")
+        for kind in ("json", "structural_tag"):
+            value = getattr(self, kind)
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except ValueError as error:
+                    raise SamplingParamsError("structured_outputs", f"structured_outputs.{kind} is not valid JSON: "
+                                                                    f"{error}") from None
+                _check(isinstance(parsed, dict), "structured_outputs", f"structured_outputs.{kind} must be a "
+                                                                       f"JSON object, got {value[:80]!r}")
+            elif value is not None:
+                _check(isinstance(value, dict), "structured_outputs",
+                       f"structured_outputs.{kind} must be a JSON object, got {type(value).__name__}")
+        if self.choice is not None:
+            _check(bool(self.choice) and all(isinstance(c, str) for c in self.choice), "structured_outputs",
+                   "structured_outputs.choice must be a non-empty list of strings")
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            _check(value is None or (isinstance(value, str) and bool(value)), "structured_outputs",
+                   f"structured_outputs.{kind} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _STRUCTURED_KINDS if getattr(self, kind) not in (None, False))
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, self.kind)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Equal for requests that need the same grammar (the compile cache's key)."""
+        value = self.value
+        return self.kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 @dataclass
@@ -45,8 +107,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     output_kind: OutputKind = OutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            unknown = set(self.structured_outputs) - set(_STRUCTURED_KINDS)
+            _check(not unknown, "structured_outputs", f"structured_outputs has unknown fields {sorted(unknown)}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]

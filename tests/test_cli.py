@@ -129,24 +129,26 @@ def test_defaults():
 
 
 def test_flags_that_cannot_apply_log_exactly_one_line_each(caplog):
-    command_line = ("serve MODEL --tensor-parallel-size 4 --pipeline-parallel-size 2 --quantization bitsandbytes "
+    command_line = ("serve MODEL --quantization bitsandbytes "
                     "--kv-cache-dtype fp8 --swap-space 4 --cpu-offload-gb 2 --trust-remote-code --load-format "
                     "safetensors --tokenizer-mode auto --enforce-eager --gpu-memory-utilization 0.9 --device cpu")
     with caplog.at_level(logging.INFO, logger="pagedserve"):
         configs(command_line)
     messages = [record.getMessage() for record in caplog.records]
-    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size", "--quantization", "--kv-cache-dtype",
-                 "--swap-space", "--cpu-offload-gb", "--trust-remote-code", "--load-format", "--tokenizer-mode",
-                 "--gpu-memory-utilization"):
+    for flag in ("--quantization", "--kv-cache-dtype", "--swap-space", "--cpu-offload-gb", "--trust-remote-code",
+                 "--load-format", "--tokenizer-mode", "--gpu-memory-utilization"):
         assert sum(message.startswith(flag) for message in messages) == 1, (flag, messages)
-    assert len(messages) == 10
+    assert len(messages) == 8
 
 
 def test_flags_that_apply_log_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="pagedserve"):
-        configs("serve --tensor-parallel-size 1 --pipeline-parallel-size 1 --device cpu --max-model-len 2048 "
-                "--enforce-eager")
+        engine, _ = configs("serve --tensor-parallel-size 4 --pipeline-parallel-size 2 --device cpu "
+                            "--max-model-len 2048 --enforce-eager --distributed-executor-backend ray "
+                            "--distributed-timeout-seconds 60")
     assert caplog.records == []
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (4, 2)
+    assert (engine.distributed_executor_backend, engine.distributed_timeout_seconds) == ("ray", 60)
 
 
 def test_every_accepted_flag_parses():

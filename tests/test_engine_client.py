@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine.async_engine import EngineDeadError, RequestFailedError
 from pagedserve.engine.engine_client import EngineClient
 from pagedserve.engine.processor import ChatOptions
 from pagedserve.sampling_params import OutputKind, SamplingParams
@@ -120,12 +121,80 @@ def test_an_engine_failure_reaches_every_stream_and_the_loop_goes_on(client, mon
         streams = [await client.generate(prompt, long_params()) for prompt in ("alpha", "beta", "gamma")]
         monkeypatch.setattr(engine.runner, "execute", execute_once_failing)
         for stream in streams:
-            with pytest.raises(RuntimeError, match="injected step failure"):
+            with pytest.raises(RequestFailedError) as failed:
                 async for _ in stream:
                     pass
+            assert "injected step failure" in str(failed.value.__cause__)
         await wait_for(lambda: all_blocks_free(client))
         assert client.is_running
         after = await client.generate("delta", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         outputs = [output async for output in after]
         assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 3
     asyncio.run(run())
+
+
+def test_a_fault_in_one_requests_output_fails_it_alone(client, monkeypatch):
+    from pagedserve.engine import detokenizer
+
+    real_add_token = detokenizer.IncrementalDetokenizer.add_token
+
+    def add_token(self, token_id):
+        if "<fault>" in self._stops:
+            raise RuntimeError("injected detokenizer failure")
+        return real_add_token(self, token_id)
+
+    async def run():
+        healthy = await client.generate("alpha", long_params(max_tokens=20))
+        faulty = await client.generate("beta", long_params(stop=["<fault>"]))
+        monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_token", add_token)
+        with pytest.raises(RequestFailedError) as failed:
+            async for _ in faulty:
+                pass
+        assert "injected detokenizer failure" in str(failed.value.__cause__)
+        outputs = [output async for output in healthy]
+        assert outputs[-1].finished and outputs[-1].outputs[0].num_output_tokens == 20
+        await wait_for(lambda: all_blocks_free(client))
+        assert client.is_running
+    asyncio.run(run())
+
+
+def test_a_dead_loop_fails_every_stream_refuses_requests_and_says_so(tiny_llama_dir):
+    deaths: list[BaseException] = []
+    dying = EngineClient.start(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=16, max_model_len=128,
+                                            num_threads=1), on_dead=deaths.append)
+    engine = dying._core.engine
+
+    class Fatal(BaseException):
+        pass
+
+    def step():
+        raise Fatal("injected")
+
+    async def run():
+        stream = await dying.generate("alpha", long_params(max_tokens=50))
+        engine.step = step
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        await wait_for(lambda: bool(deaths))
+        assert not dying.is_running and isinstance(deaths[0], Fatal)
+        with pytest.raises(EngineDeadError):
+            await dying.generate("beta", long_params(max_tokens=50))
+    try:
+        asyncio.run(run())
+    finally:
+        dying.shutdown()
+
+
+def test_the_offline_llm_raises_a_requests_failure(tiny_llama_dir, monkeypatch):
+    from pagedserve.engine import detokenizer
+    from pagedserve.engine.llm import LLM
+
+    def add_token(self, token_id):
+        raise RuntimeError("injected detokenizer failure")
+
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, max_model_len=128, num_threads=1)
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_token", add_token)
+    with pytest.raises(RuntimeError, match="injected detokenizer failure"):
+        llm.generate("alpha", SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()

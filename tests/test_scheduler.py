@@ -153,3 +153,21 @@ def test_finished_ids_are_reported_once():
     assert seq.is_finished
     assert scheduler.schedule().finished_seq_ids == (seq.seq_id,)
     assert scheduler.schedule().finished_seq_ids == ()
+
+
+def test_sequences_in_flight_are_neither_scheduled_nor_preempted():
+    """Pipeline parallel: a batch still in flight keeps its sequences; the next batch takes the others, and
+    when the cache is full it preempts among those, never one whose step has not come back."""
+    scheduler, manager = make_scheduler(num_blocks=4, budget=64, prefix=False)
+    first, second = make_seq(8, max_tokens=8), make_seq(8, max_tokens=8, start=500)
+    scheduler.add(first)
+    scheduler.add(second)
+    run_step(scheduler)                       # both prompts: 2 blocks each, the cache is full; 9 tokens each now
+    # first's next step is in flight; second needs a third block: the only victim allowed is second itself
+    output = scheduler.schedule(frozenset({first.seq_id}))
+    assert output.is_empty
+    assert second.num_preemptions == 1 and second.status is SequenceStatus.WAITING
+    assert first.status is SequenceStatus.RUNNING and first.num_preemptions == 0 and len(first.block_ids) == 2
+    # once first's step is back it runs again, on the blocks second gave up
+    assert [item.seq for item in scheduler.schedule().scheduled] == [first]
+    assert manager.num_free_blocks == 1

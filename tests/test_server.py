@@ -24,7 +24,7 @@ ABORTED = 'vllm:request_success_total{finished_reason="abort",model_name="smollm
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess([
-        "smollm2-135m-instruct", "--served-model-name", *NAMES, "--tensor-parallel-size", "4", "--dtype", "float16",
+        "smollm2-135m-instruct", "--served-model-name", *NAMES, "--dtype", "float16",
         "--max-model-len", "128000", "--kv-cache-space", "0.5", "--max-request-body-bytes", "1M",
         "--log-stats-interval", "1"]).running(until_ready=False) as process:
         yield process.wait_listening().wait_ready()
@@ -75,7 +75,6 @@ def test_startup_logs_and_flags_that_cannot_apply(server, guide_call):
     log = server.log()
     assert "Loaded smollm2" in log
     assert f"listening on http://127.0.0.1:{server.port}, serving smollm2-135m-instruct as 'smollm2', 'MODEL'" in log
-    assert log.count("--tensor-parallel-size 4: the model runs in 1 process") == 1
     assert log.count("dtype float16 is not supported on CPU") == 1
     assert log.count("max_model_len 128000 exceeds") == 1
 
@@ -375,8 +374,12 @@ BAD_CHAT = [
     ({"stop": 5}, 400, "stop"),
     ({"top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
     ({"top_logprobs": 2}, 400, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"response_format": {"type": "xml"}}, 400, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, 400,
+     "structured_outputs"),
+    ({"structured_outputs": {"regex": "[a-"}}, 400, "structured_outputs"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, 400, "guided_choice"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"max_tokens": 9000}, 400, None),
     ({"model": "gpt-4"}, 404, "model"),

@@ -17,7 +17,13 @@ from pagedserve.cli.main import build_parser, serve_configs
 DATA = Path(__file__).parent / "data"
 RECORDED = json.loads((DATA / "vllm-0.32.0-serve-flags.json").read_text())["flags"]
 # Flags whose value must be valid for pagedserve too, or that need a companion to be valid.
-COMPANIONS = {"--ssl-keyfile": ["--ssl-certfile", "cert.pem"], "--lora-modules": ["--enable-lora"]}
+# vLLM refuses --enable-auto-tool-choice without a parser too
+COMPANIONS = {"--ssl-keyfile": ["--ssl-certfile", "cert.pem"], "--enable-auto-tool-choice": ["--tool-call-parser", "hermes"],
+              "--lora-modules": ["--enable-lora"],
+              # our safe default (not vLLM's): credentials only with an explicit --allowed-origins list
+              "--allow-credentials": ["--allowed-origins", "https://chat.example.com"]}
+# The recorded example is a placeholder; the flag takes a JSON object
+EXAMPLES = {"--default-chat-template-kwargs": '{"enable_thinking": false}'}
 
 
 def _our_choices(flag: str) -> list[str] | None:
@@ -46,7 +52,7 @@ def test_every_vllm_serve_flag_parses(entry, tmp_path, caplog):
         (tmp_path / "config.yaml").write_text("max_model_len: 2048\n")
         values = [str(tmp_path / "config.yaml")]
     else:
-        values = [CHOICES[flag][0] if CHOICES[flag] else entry["example"]]
+        values = [CHOICES[flag][0] if CHOICES[flag] else EXAMPLES.get(flag, entry["example"])]
     for spelling in entry["flags"]:
         if spelling.startswith("--no-"):
             continue

@@ -23,15 +23,11 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "tokenizer_mode": (str, "the fast tokenizer is always used"),
     "disable_custom_all_reduce": (bool, "there is no custom all-reduce"),
     "max_seq_len_to_capture": (int, "no CUDA graphs are captured"),
-    "distributed_executor_backend": (str, "one process serves the model"),
-    "worker_use_ray": (bool, "one process serves the model"),
+    "worker_use_ray": (bool, "use --distributed-executor-backend ray"),
     "enable_chunked_prefill": (bool, "chunked prefill is always on"),
     "use_v2_block_manager": (bool, "there is one block manager"),
-    "guided_decoding_backend": (str, "structured output is not supported yet"),
+    "guided_decoding_backend": (str, "structured output always uses xgrammar"),
     "enable_log_requests": (bool, "requests are logged unless --disable-log-requests is given"),
-    "enable_auto_tool_choice": (bool, "tool calls are not parsed yet; the model's text is returned as content"),
-    "tool_call_parser": (str, "tool calls are not parsed yet; the model's text is returned as content"),
-    "trust_request_chat_template": (bool, "chat templates in requests are always accepted (rendered sandboxed)"),
     "enable_prompt_tokens_details": (bool, "usage reports cached prompt tokens whenever there are some"),
     "disable_frontend_multiprocessing": (bool, "the server and the engine share one process"),
     "max_logprobs": (int, "up to 20 logprobs per token are returned"),
@@ -128,15 +124,9 @@ def server_config_from_options(options: dict[str, Any]) -> ServerConfig:
 def _inapplicable_engine_options(options: dict[str, Any], config: EngineConfig) -> list[str]:
     """One line per engine option the user set that this engine or device cannot honour."""
     lines = []
-    if config.tensor_parallel_size > 1:
-        lines.append(f"--tensor-parallel-size {config.tensor_parallel_size}: the model runs in 1 process; "
-                     "tensor parallelism is not supported yet")
-    if config.pipeline_parallel_size > 1:
-        lines.append(f"--pipeline-parallel-size {config.pipeline_parallel_size}: the model runs in 1 process; "
-                     "pipeline parallelism is not supported yet")
-    if config.quantization is not None:
+    if config.quantization not in (None, "awq", "gptq", "awq_marlin", "gptq_marlin", "compressed-tensors", "gguf"):
         lines.append(f"--quantization {config.quantization} has no effect here: weights are used as they are "
-                     "stored (a GGUF file carries its own quantization)")
+                     "stored (awq, gptq and compressed-tensors checkpoints load packed; a GGUF carries its own)")
     if "gpu_memory_utilization" in options and _runs_on_cpu(config):
         lines.append("--gpu-memory-utilization applies to CUDA only; on CPU the KV cache takes --kv-cache-space "
                      "GiB (default: 30% of free memory, at most 0.75 GiB)")

@@ -121,7 +121,7 @@ VLLM_ACCEPTED_GROUPS: tuple[AcceptedGroup, ...] = (
                  "enable-tokenizer-info-endpoint enable-log-outputs enable-log-deltas cohere-is-reasoning-model "
                  "log-error-stack tokens-only enable-ssl-refresh enable-request-id-headers disable-fastapi-docs "
                  "enable-offline-docs enable-flash-late-interaction fail-on-environ-validation",
-        values="default-chat-template-kwargs tool-parser-plugin tool-strict-level tool-server sse-keep-alive-interval "
+        values="tool-parser-plugin tool-strict-level tool-server sse-keep-alive-interval "
                "cohere-format anthropic-disabled-thinking-effort fingerprint-mode fingerprint-value uds "
                "disable-access-log-for-endpoints ssl-ca-certs ssl-cert-reqs ssl-ciphers root-path middleware "
                "h11-max-incomplete-event-size h11-max-header-count logging-config log-config-file"),

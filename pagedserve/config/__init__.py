@@ -6,7 +6,8 @@ format the weights came in.
 """
 from pagedserve.config.engine import DEFAULT_MODEL, DTYPE_CHOICES, OMP_WAIT_POLICIES, EngineConfig
 from pagedserve.config.model import ModelConfig, token_ids
-from pagedserve.config.server import GENERATION_CONFIG_CHOICES, REASONING_PARSERS, UVICORN_LOG_LEVELS, ServerConfig
+from pagedserve.config.server import (GENERATION_CONFIG_CHOICES, REASONING_PARSERS, TOOL_CALL_PARSERS,
+                                      UVICORN_LOG_LEVELS, ServerConfig)
 
-__all__ = ["DEFAULT_MODEL", "DTYPE_CHOICES", "GENERATION_CONFIG_CHOICES", "OMP_WAIT_POLICIES", "REASONING_PARSERS",
+__all__ = ["DEFAULT_MODEL", "DTYPE_CHOICES", "GENERATION_CONFIG_CHOICES", "OMP_WAIT_POLICIES", "REASONING_PARSERS", "TOOL_CALL_PARSERS",
            "UVICORN_LOG_LEVELS", "EngineConfig", "ModelConfig", "ServerConfig", "token_ids"]

@@ -11,7 +11,12 @@ from pagedserve.config.environment import parse_cpu_list
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OMP_WAIT_POLICIES = ("auto", "active", "passive")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+RUNNER_CHOICES = ("auto", "generate", "pooling")
+CONVERT_CHOICES = ("auto", "none", "embed")
+# vLLM's older --task: generate, or embed (embedding) = --runner pooling --convert embed
+TASK_CHOICES = ("auto", "generate", "embed", "embedding")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,22 @@ class EngineConfig:
     lora_modules: tuple[str, ...] = field(default=(), metadata={
         "help": "LoRA adapters served at start-up, each name=path or vLLM's JSON "
                 "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; needs --enable-lora"})
+    runner: str = field(default="auto", metadata={
+        "choices": RUNNER_CHOICES,
+        "help": "generate text, or pool prompts into embeddings (/v1/embeddings, /api/embed); auto: pooling for "
+                "encoders (BERT family), generate otherwise"})
+    convert: str = field(default="auto", metadata={
+        "choices": CONVERT_CHOICES,
+        "help": "embed: serve a generative model as an embedding model (last-token pooling, normalized, unless "
+                "its sentence-transformers config says otherwise)"})
+    task: str = field(default="auto", metadata={
+        "choices": TASK_CHOICES, "help": "vLLM's older spelling: embed = --runner pooling, generate = --runner generate"})
+    distributed_executor_backend: str | None = field(default=None, metadata={
+        "choices": EXECUTOR_BACKENDS,
+        "help": "how the ranks run: uni (one process; the default for one rank), mp (processes on this machine; "
+                "the default for more), ray (Ray actors across the cluster's nodes)"})
+    distributed_timeout_seconds: int | None = field(default=None, metadata={
+        "help": "how long ranks wait for each other (start-up, each step) before failing (default 300)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -105,6 +126,32 @@ class EngineConfig:
         if self.lora_modules and not self.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
         self.lora_adapters()   # raises ValueError naming a bad entry
+        for name, value, choices in (("runner", self.runner, RUNNER_CHOICES), ("convert", self.convert, CONVERT_CHOICES),
+                                     ("task", self.task, TASK_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.enable_lora and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            # NOTE: adapters are loaded into the driver's model only; the worker ranks would run without them
+            raise ValueError("--enable-lora needs tensor_parallel_size 1 and pipeline_parallel_size 1: LoRA "
+                             "adapters are not split across ranks here")
+        if self.distributed_executor_backend is not None and self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.distributed_timeout_seconds is not None and self.distributed_timeout_seconds < 1:
+            raise ValueError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
+
+    @property
+    def runner_choice(self) -> str:
+        """--runner with --task and --convert folded in: auto, generate or pooling."""
+        implied = {"generate": "generate", "embed": "pooling", "embedding": "pooling"}.get(self.task)
+        if self.convert == "embed":
+            implied = "pooling"
+        if implied is not None and self.runner not in ("auto", implied):
+            raise ValueError(f"--runner {self.runner} contradicts --task {self.task} / --convert {self.convert}")
+        return implied or self.runner
 
     def lora_adapters(self) -> list[tuple[str, str, str | None]]:
         """--lora-modules as (name, path, base_model_name): `name=path` or vLLM's JSON form."""
@@ -123,8 +170,6 @@ class EngineConfig:
                 raise ValueError(f"--lora-modules {entry!r}: expected name=path or a JSON object")
             adapters.append((name, path, None))
         return adapters
-        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
-            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

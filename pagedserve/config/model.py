@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.config.mla import MLAConfig, mla_config_from_hf
+from pagedserve.config.moe import MoEConfig, moe_config_from_hf
+
 
 def token_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
     """An id-or-ids setting (eos_token_id in config.json, generation_config.json, a tokenizer) as a tuple."""
@@ -43,6 +46,22 @@ class ModelConfig:
     local_rope_theta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    moe: MoEConfig | None = None          # routing of a mixture-of-experts model; None when dense
+    mla: MLAConfig | None = None          # multi-head latent attention (DeepSeek); None for K/V per head
+    # Encoders (BERT family) attend both ways and are only ever pooled; they embed token types and
+    # absolute positions (offset by `position_offset`: RoBERTa counts from padding_idx + 1).
+    is_causal: bool = True
+    type_vocab_size: int = 0
+    position_offset: int = 0
+    # Granite's scalings (1.0 / None elsewhere): embeddings times embedding_multiplier, each block's output
+    # times residual_multiplier before the residual add, attention scaled by attention_multiplier, logits
+    # divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    # share of each head's dims that rotate (Phi-4-mini: 0.75); 1.0 for every family served here
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -71,42 +90,82 @@ class ModelConfig:
             model_type=model_type,
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
+            intermediate_size=_intermediate_size(hf_config),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
-            rms_norm_eps=hf_config.rms_norm_eps,
+            rms_norm_eps=_norm_eps(hf_config),
             max_position_embeddings=hf_config.max_position_embeddings,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", model_type == "qwen2")),
-            hidden_act=str(getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", "silu")),
+            attention_bias=bool(getattr(hf_config, "attention_bias", None) or getattr(hf_config, "qkv_bias", None)
+                                or model_type == "qwen2"),
+            hidden_act=str(getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None)
+                           or getattr(hf_config, "activation_function", None) or "silu"),
             sliding_windows=_sliding_windows(hf_config, num_layers),
             bos_token_id=hf_config.bos_token_id,
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma3"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "gemma3"),
             query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
             local_rope_theta=local_rope_theta,
             attn_logit_softcapping=getattr(hf_config, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf_config, "final_logit_softcapping", None),
+            moe=moe_config_from_hf(hf_config, num_layers),
+            mla=mla_config_from_hf(hf_config, rope_scaling),
+            is_causal=model_type not in ENCODER_MODEL_TYPES,
+            type_vocab_size=int(getattr(hf_config, "type_vocab_size", 0) or 0),
+            position_offset=(hf_config.pad_token_id + 1) if model_type in ("roberta", "xlm-roberta") else 0,
+            embedding_multiplier=float(getattr(hf_config, "embedding_multiplier", None) or 1.0),
+            residual_multiplier=float(getattr(hf_config, "residual_multiplier", None) or 1.0),
+            attention_multiplier=getattr(hf_config, "attention_multiplier", None),
+            logits_scaling=float(getattr(hf_config, "logits_scaling", None) or 1.0),
+            partial_rotary_factor=float((getattr(hf_config, "rope_parameters", None) or {}).get("partial_rotary_factor")
+                                        or getattr(hf_config, "partial_rotary_factor", None) or 1.0),
         )
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies across all layers, per byte of element size."""
+        if self.mla is not None:   # one latent + shared rotary key per token and layer, not K/V per head
+            return self.num_hidden_layers * self.mla.cache_width
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
+# Model types whose layers attend both ways (no causal mask): served as embedding models only.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
 _DEFAULT_ARCHITECTURES = {
+    "bert": "BertModel",
+    "gpt2": "GPT2LMHeadModel",
+    "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "roberta": "RobertaModel",
+    "xlm-roberta": "XLMRobertaModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
+
+
+def _intermediate_size(hf_config: Any) -> int:
+    """The MLP width; GPT-2 calls it n_inner, and None there means 4 * hidden_size."""
+    size = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None)
+    return int(size or 4 * hf_config.hidden_size)
+
+
+def _norm_eps(hf_config: Any) -> float:
+    """The norms' epsilon: RMSNorm families call it rms_norm_eps, LayerNorm ones layer_norm_eps (BERT) or
+    layer_norm_epsilon (GPT-2)."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            return float(value)
+    raise ValueError(f"the {hf_config.model_type} config names no norm epsilon")
 
 
 def _default_architecture(model_type: str) -> str:

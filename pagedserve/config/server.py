@@ -9,6 +9,7 @@ from typing import Any
 from pagedserve.config.duration import parse_duration
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 GENERATION_CONFIG_CHOICES = ("auto", "vllm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -25,10 +26,15 @@ class ServerConfig:
     api_key: tuple[str, ...] = field(
         default=(), repr=False, metadata={"help": "key(s) clients must send as 'Authorization: Bearer KEY' "
                                       "(default: none, the API is open)"})
-    allowed_origins: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS origins, e.g. '[\"*\"]'"})
+    allowed_origins: tuple[str, ...] = field(
+        default=(), metadata={"help": "CORS origins browsers may call from, beside localhost ones (always allowed, "
+                                      "as Ollama does), e.g. https://ui.example or '[\"*\"]' for any; '*' may "
+                                      "stand for part of one (https://*.example)"})
     allowed_methods: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS methods"})
     allowed_headers: tuple[str, ...] = field(default=("*",), metadata={"help": "CORS headers"})
-    allow_credentials: bool = field(default=False, metadata={"help": "CORS: allow credentials"})
+    allow_credentials: bool = field(
+        default=False, metadata={"help": "CORS: allow credentials (cookies, auth headers) from the origins of an "
+                                         "explicit --allowed-origins list, never from any origin ('*')"})
     ssl_keyfile: str | None = field(default=None, metadata={"help": "TLS private key file"})
     ssl_certfile: str | None = field(default=None, metadata={"help": "TLS certificate file"})
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn's log level",
@@ -43,7 +49,20 @@ class ServerConfig:
     reasoning_parser: str | None = field(
         default=None, metadata={"help": "split <think>...</think> into reasoning_content",
                                 "choices": REASONING_PARSERS})
+    enable_auto_tool_choice: bool = field(
+        default=False, metadata={"help": "let the model decide to call tools (tool_choice auto); needs "
+                                         "--tool-call-parser"})
+    tool_call_parser: str | None = field(
+        default=None, metadata={"help": "how tool calls are read out of the model's text (required/named "
+                                        "tool_choice work without it)", "choices": TOOL_CALL_PARSERS})
+    default_chat_template_kwargs: str | None = field(
+        default=None, metadata={"help": "JSON object of chat template variables for every chat request (a "
+                                        "request's chat_template_kwargs win), e.g. '{\"enable_thinking\": false}'"})
     response_role: str = field(default="assistant", metadata={"help": "role of generated chat messages"})
+    trust_request_chat_template: bool = field(
+        default=False, metadata={"help": "accept a chat template sent in a request (chat_template, Ollama's Jinja "
+                                         "'template'); refused by default, as vLLM does: a template is code the "
+                                         "server runs"})
     generation_config: str = field(
         default="auto", metadata={"help": "auto: the model's generation_config.json sets sampling defaults; "
                                           "vllm: OpenAI's defaults only", "choices": GENERATION_CONFIG_CHOICES})
@@ -51,6 +70,23 @@ class ServerConfig:
         default=None, metadata={"help": "JSON object of sampling defaults over the model's, e.g. "
                                         "'{\"temperature\": 0.6, \"max_new_tokens\": 1024}'"})
     max_request_body_bytes: int = field(default=32 * 2**20, metadata={"help": "largest request body (e.g. 32M)"})
+    max_waiting_requests: int | None = field(
+        default=512, metadata={"help": "requests per model that may wait for a place in the running batch; more get "
+                                       "503 with Retry-After (Ollama's OLLAMA_MAX_QUEUE, same default)"})
+    max_queue_time: float | None = field(
+        default=None, metadata={"help": "seconds a request may wait for a place in the running batch before it "
+                                        "fails with 503 and Retry-After (default: no limit)"})
+    default_max_tokens: int = field(
+        default=4096, metadata={"help": "output tokens for a request that sets no limit (no max_tokens or "
+                                        "num_predict, no model default); a request may still ask for up to the "
+                                        "context; 0: up to the context, as vLLM"})
+    timeout_keep_alive: int = field(
+        default=5, metadata={"help": "seconds an idle keep-alive connection stays open (uvicorn's, vLLM's default)"})
+    timeout_request_header: float = field(
+        default=30.0, metadata={"help": "seconds a client has to send a request's headers, from connecting or "
+                                        "from its first byte; then the connection is closed (no slow senders)"})
+    timeout_request_body: float = field(
+        default=30.0, metadata={"help": "seconds a request body may go without a byte arriving; then 408"})
     shutdown_timeout: float = field(
         default=5.0, metadata={"help": "seconds in-flight requests get to finish after SIGTERM/SIGINT"})
     lazy_load: bool = field(default=False, metadata={"help": "load each model on its first request, not at start-up"})
@@ -67,10 +103,16 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = field(default=False, metadata={
         "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)"})
 
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """--default-chat-template-kwargs as a mapping ({} when not given)."""
+        return json.loads(self.default_chat_template_kwargs) if self.default_chat_template_kwargs else {}
+
     def __post_init__(self) -> None:
         for name in ("served_model_name", "api_key", "allowed_origins", "allowed_methods", "allowed_headers"):
             object.__setattr__(self, name, _string_list(name, getattr(self, name)))
         object.__setattr__(self, "override_generation_config", _json_object_text(self.override_generation_config))
+        object.__setattr__(self, "default_chat_template_kwargs", _template_kwargs_text(self.default_chat_template_kwargs))
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
@@ -79,6 +121,12 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)})")
         if self.generation_config not in GENERATION_CONFIG_CHOICES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
                              f"got {self.generation_config!r}")
@@ -92,6 +140,18 @@ class ServerConfig:
             raise ValueError(f"max_log_len must be non-negative, got {self.max_log_len}")
         if self.max_request_body_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be positive, got {self.max_waiting_requests}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ValueError(f"max_queue_time must be positive, got {self.max_queue_time}")
+        if self.allow_credentials and (not self.allowed_origins or "*" in self.allowed_origins):
+            raise ValueError("allow_credentials needs an explicit allowed_origins list (not '*'): a browser would "
+                             "send any site's visitors' credentials otherwise")
+        if self.default_max_tokens < 0:
+            raise ValueError(f"default_max_tokens must be 0 (no cap) or positive, got {self.default_max_tokens}")
+        for name in ("timeout_keep_alive", "timeout_request_header", "timeout_request_body"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
         if self.keep_alive is not None:
@@ -110,6 +170,20 @@ class ServerConfig:
 
 
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def _template_kwargs_text(value: Any) -> str | None:
+    """`--default-chat-template-kwargs` as canonical JSON text (any JSON object)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"default_chat_template_kwargs is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"default_chat_template_kwargs must be a JSON object, got {value!r}")
+    return json.dumps(value, sort_keys=True)
 
 
 def _json_object_text(value: Any) -> str | None:

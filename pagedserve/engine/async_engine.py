@@ -4,6 +4,12 @@ The engine itself is single-threaded: only the loop thread touches it. Callers o
 hand it checked requests (`EngineRequest`) and aborts through a queue; outputs come back through each
 request's asyncio queue. A request whose consumer goes away (client disconnect, cancellation) is
 aborted, which frees its KV blocks at the start of the next step.
+
+No single request can stop the loop: an error while queueing one, or while making its outputs (its
+detokenizer, its logprobs), fails that request alone; an error in a step's model run fails the
+requests in flight. Should the loop itself end for any other reason, every open stream gets an
+`EngineDeadError`, new requests are refused with it, and `on_dead` is called so the server can exit
+and a supervisor restart it.
 """
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pagedserve.executor import RankFailedError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.processor import EngineRequest
 from pagedserve.outputs import RequestOutput
@@ -26,10 +34,48 @@ _IDLE_WAIT_SECONDS = 1.0
 # Called on the loop thread after every step (and about once a second when idle) with the engine's
 # stats and the step's outputs: the metrics hook.
 StepHook = Callable[[EngineStats, list[RequestOutput]], None]
+# Called once, on the loop thread, if the loop ends other than by shutdown(), with what ended it.
+DeathHook = Callable[[BaseException], None]
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too busy for this request now (the queue is full, or it waited too long); retry later."""
+
+    def __init__(self, message: str, reason: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.reason = reason             # "queue_full" or "queue_timeout"
+        self.retry_after = retry_after   # seconds
+
+
+# Called with the reason each time a request is refused or dropped for load (EngineOverloadedError).
+RejectHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How many requests may wait for a place in the running batch, and for how long."""
+
+    max_waiting: int | None = None        # beyond it new requests are refused; None: no limit
+    max_queue_time: float | None = None   # seconds; a request waiting longer fails; None: no limit
+
+    def __post_init__(self) -> None:
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting_requests must be positive, got {self.max_waiting}")
+        if self.max_queue_time is not None and self.max_queue_time <= 0:
+            raise ValueError(f"max_queue_time must be positive, got {self.max_queue_time}")
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not finish a request: a fault on the server's side, logged with its cause
+    (`__cause__`); the message, which clients see, names neither."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.__cause__ = cause
 
 
 _ACCEPTED = object()   # first item on a request's queue once the engine has queued it
@@ -88,28 +134,43 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_dead: DeathHook | None = None,
+                 max_queue_time: float | None = None, on_reject: RejectHook | None = None) -> None:
         self.engine = engine
         self._on_step = on_step
+        self._on_dead = on_dead
+        self._max_queue_time = max_queue_time
+        self._on_reject = on_reject
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="pagedserve-engine", daemon=True)
+        # NOTE: held while a request enters the inbox and while the dying loop empties it, so no
+        # request can be put there after the loop is gone (its caller would wait forever).
+        self._inbox_lock = threading.Lock()
+        self.death: BaseException | None = None   # what ended the loop, if not shutdown()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        return self._thread.is_alive() and not self._stopping.is_set() and self.death is None
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests the engine holds that wait for a place in the running batch (read off its thread:
+        a length, so at worst a step old)."""
+        return len(self.engine.scheduler.waiting)
 
     async def add_request(self, request: EngineRequest) -> RequestStream:
         """Queue a checked request; returns its output stream once the engine accepted it.
 
         Raises ValueError (nothing queued) when the engine refuses it (a request id already in use).
         """
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
         queue_: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request, asyncio.get_running_loop(), queue_))
+        with self._inbox_lock:
+            if not self.is_running:
+                raise EngineDeadError("the engine is not running")
+            self._inbox.put(_Add(request, asyncio.get_running_loop(), queue_))
         first = await queue_.get()
         if isinstance(first, BaseException):
             raise first
@@ -120,10 +181,11 @@ class AsyncEngine:
 
     async def call(self, function: Callable[[LLMEngine], Any]) -> Any:
         """`function(engine)` between steps, on the loop thread; its result or its exception."""
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(_Call(function, future))
+        with self._inbox_lock:
+            if not self.is_running:
+                raise EngineDeadError("the engine is not running")
+            self._inbox.put(_Call(function, future))
         return await asyncio.wrap_future(future)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -131,17 +193,34 @@ class AsyncEngine:
         self._inbox.put(None)
         self._thread.join(timeout)
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:   # noqa: BLE001 - the loop is gone: say so everywhere, then end
+            logger.critical("the engine loop died; every request in flight fails and no new one is accepted",
+                            exc_info=error)
+            self._die(error)
+            return
+        finally:
+            self.engine.shutdown()   # the worker ranks, if any, end with the loop
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self._fail_pending(EngineDeadError("the server is shutting down"))
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished_requests())
+            if self._max_queue_time is not None:
+                self._drop_waiting_too_long(self._max_queue_time)
             if not self.engine.has_unfinished_requests():
                 self._report([])
                 continue
             try:
                 outputs = self.engine.step()
+            except RankFailedError:   # the model's ranks are broken: no step can run any more, the loop dies
+                raise
             except Exception as error:   # a bug, not bad input: fail what is in flight, keep serving
                 logger.exception("engine step failed; aborting %d requests", len(self._streams))
-                self._fail_all(error)
+                self._fail_all(RequestFailedError("the engine failed while running this request", error))
                 continue
             for output in outputs:
                 request = self._streams.get(output.request_id)
@@ -149,21 +228,54 @@ class AsyncEngine:
                     request.put(output)
                     if output.finished:
                         del self._streams[output.request_id]
+            self._fail_requests(self.engine.take_failures())
             self._report(outputs)
-        self._fail_all(EngineDeadError("the server is shutting down"))
-        self._fail_pending_calls()
 
-    def _fail_pending_calls(self) -> None:
+    def _drop_waiting_too_long(self, seconds: float) -> None:
+        for request_id in self.engine.requests_waiting_longer_than(seconds, time.time()):
+            logger.warning("request %s waited more than %g s for a place in the batch (--max-queue-time); aborted",
+                           request_id, seconds)
+            self.engine.abort_request(request_id)
+            if self._on_reject is not None:
+                self._on_reject("queue_timeout")
+            request = self._streams.pop(request_id, None)
+            if request is not None:
+                request.put(EngineOverloadedError(
+                    f"server busy, please try again: the request waited more than {seconds:g} s to be scheduled",
+                    "queue_timeout"))
+
+    def _fail_requests(self, failures: dict[str, Exception]) -> None:
+        for request_id, error in failures.items():
+            logger.error("request %s failed and was aborted", request_id, exc_info=error)
+            request = self._streams.pop(request_id, None)
+            if request is not None:
+                request.put(RequestFailedError("the engine failed while making this request's output", error))
+
+    def _die(self, error: BaseException) -> None:
+        # a rank failure is the server's fault but names no internals: clients may see which rank
+        dead = EngineDeadError(f"the engine has stopped: {error}" if isinstance(error, RankFailedError)
+                               else "the engine has stopped")
+        with self._inbox_lock:
+            self.death = error
+        self._fail_pending(dead)
+        for request in self._streams.values():
+            request.put(dead)
+        self._streams.clear()
+        if self._on_dead is not None:
+            self._on_dead(error)
+
+    def _fail_pending(self, error: EngineDeadError) -> None:
         """Requests and calls queued as the loop stopped get an answer, not a wait forever."""
-        try:
+        with self._inbox_lock:
             while True:
-                command = self._inbox.get_nowait()
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
                 if isinstance(command, _Call):
-                    command.future.set_exception(EngineDeadError("the server is shutting down"))
+                    command.future.set_exception(error)
                 elif isinstance(command, _Add):
-                    command.put(EngineDeadError("the server is shutting down"))
-        except queue.Empty:
-            pass
+                    command.put(error)
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         if self._on_step is not None:
@@ -195,6 +307,11 @@ class AsyncEngine:
             self.engine.add_request(command.request)
         except ValueError as error:
             command.put(error)
+            return
+        except Exception as error:   # noqa: BLE001 - a fault with this request fails it alone
+            logger.error("request %s could not be queued", command.request.request_id, exc_info=error)
+            self.engine.abort_request(command.request.request_id)
+            command.put(RequestFailedError("the engine could not queue this request", error))
             return
         self._streams[command.request.request_id] = command
         command.put(_ACCEPTED)

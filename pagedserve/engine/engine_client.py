@@ -10,15 +10,18 @@ in another process or behind several replicas without its callers changing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, TypeVar
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.async_engine import AsyncEngine, RequestStream, StepHook
+from pagedserve.engine.async_engine import (AsyncEngine, DeathHook, EngineOverloadedError, QueueLimits,
+                                            RejectHook, RequestStream, StepHook)
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
 from pagedserve.engine.lora import LoadedAdapter
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
 
@@ -29,10 +32,15 @@ _NUM_PROCESSOR_THREADS = 2
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None,
+                 on_dead: DeathHook | None = None, queue_limits: QueueLimits = QueueLimits(),
+                 on_reject: RejectHook | None = None) -> None:
         self.model_info: ModelInfo = engine.model_info()
         self._processor = processor
-        self._core = AsyncEngine(engine, on_step)
+        self._core = AsyncEngine(engine, on_step, on_dead, queue_limits.max_queue_time, on_reject)
+        self._max_waiting = queue_limits.max_waiting
+        self._on_reject = on_reject
+        self._num_preparing = 0   # requests past the queue check, not yet in the engine (event loop only)
         self._stats = engine.stats
         self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
         self._ids = itertools.count()
@@ -40,12 +48,18 @@ class EngineClient:
     @classmethod
     def start(cls, config: EngineConfig, model_defaults: ModelDefaults = ModelDefaults(), *,
               sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
-              on_step: StepHook | None = None) -> EngineClient:
-        """Load the model (blocking: call it off the event loop) and start its step loop."""
+              on_step: StepHook | None = None, on_dead: DeathHook | None = None,
+              queue_limits: QueueLimits = QueueLimits(), on_reject: RejectHook | None = None,
+              default_max_tokens: int | None = None) -> EngineClient:
+        """Load the model (blocking: call it off the event loop) and start its step loop. `on_dead(error)`
+        is called on the loop's thread if the loop ever ends other than by shutdown(); `on_reject(reason)`
+        for each request refused or dropped by `queue_limits`. `default_max_tokens`: the output cap of
+        requests that set none (None: up to the context)."""
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
-                                              use_generation_config=use_generation_config)
-        return cls(engine, processor, on_step)
+                                              use_generation_config=use_generation_config,
+                                              default_max_tokens=default_max_tokens)
+        return cls(engine, processor, on_step, on_dead, queue_limits, on_reject)
 
     # ---- what the model is ----------------------------------------------------------------------
 
@@ -67,6 +81,11 @@ class EngineClient:
     @property
     def is_running(self) -> bool:
         return self._core.is_running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted that do not run yet: being prepared, or waiting in the engine."""
+        return self._num_preparing + self._core.num_waiting
 
     # ---- preparing requests (worker threads) ----------------------------------------------------
 
@@ -94,11 +113,35 @@ class EngineClient:
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        add_special_tokens: bool = True, lora_name: str | None = None) -> RequestStream:
         """Check and queue one request (`lora_name`: served by that loaded adapter); its outputs arrive on
-        the returned stream. Raises ValueError (nothing queued) for a request the model cannot serve."""
+        the returned stream. Raises ValueError (nothing queued) for a request the model cannot serve,
+        EngineOverloadedError when as many requests wait already as the queue limits allow."""
         request_id = request_id or f"req-{next(self._ids)}"
-        request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens, None,
-                                  lora_name)
+        if self._max_waiting is not None and self.num_waiting >= self._max_waiting:
+            if self._on_reject is not None:
+                self._on_reject("queue_full")
+            raise EngineOverloadedError("server busy, please try again. maximum pending requests exceeded "
+                                        f"({self._max_waiting} wait already)", "queue_full")
+        self._num_preparing += 1
+        try:
+            request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens,
+                                      None, False, lora_name)
+            if params.structured_outputs is not None:
+                grammar = await self._processor.grammars.compile_async(params.structured_outputs)
+                request = dataclasses.replace(request, grammar=grammar)
+            return await self._core.add_request(request)
+        finally:
+            self._num_preparing -= 1
+
+    async def embed(self, prompt: str | list[int], params: PoolingParams, request_id: str,
+                    truncate: int | None = None, keep_end: bool = False) -> RequestStream:
+        """Check and queue one embedding request; its one output (with `embedding`) arrives on the stream.
+        Raises ValueError (nothing queued) for a request the model cannot serve."""
+        request = await self._run(self._processor.process_pooling, request_id, prompt, params, truncate, keep_end)
         return await self._core.add_request(request)
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self._processor.limits.pooler is not None
 
     def abort(self, request_id: str) -> None:
         self._core.abort(request_id)
@@ -119,6 +162,7 @@ class EngineClient:
         """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""
         self._core.shutdown(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._processor.grammars.shutdown()
 
     async def _run(self, function: Callable[..., _Result], *args: Any) -> _Result:
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)

@@ -9,7 +9,8 @@ from pagedserve.config import DEFAULT_MODEL, EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.lora import LoRAError, LoRARequest
 from pagedserve.engine.processor import ChatOptions, InputProcessor
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import OutputKind, SamplingParams
 from pagedserve.store.models_dir import resolve_named_model
 
@@ -24,6 +25,10 @@ class LLM:
         self.engine = LLMEngine(config)
         self.processor = InputProcessor.for_engine(self.engine, model_defaults)
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop the model's worker ranks (tensor / pipeline parallel); nothing to do for one rank."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -80,6 +85,26 @@ class LLM:
         prompts = [self.processor.render_chat(conversation, options).token_ids for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def embed(self, prompts: str | list[int] | list[str] | list[list[int]],
+              pooling_params: PoolingParams | None = None, *, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (text or token ids), pooled as the model's config says; needs a model
+        served for embeddings (an encoder, or runner="pooling")."""
+        prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
+            else list(prompts)
+        params = pooling_params or PoolingParams()
+        requests = []
+        for prompt in prompt_list:
+            requests.append(self.processor.process_pooling(str(self._next_id), prompt, params,
+                                                           truncate_prompt_tokens, keep_end=True))
+            self._next_id += 1
+        for request in requests:
+            self.engine.add_request(request)
+        outputs = self._run([request.request_id for request in requests], use_tqdm)
+        return [EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
+                                       EmbeddingOutput(output.embedding or []))
+                for output in outputs]
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         progress = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
@@ -89,6 +114,8 @@ class LLM:
                     if output.finished:
                         results[output.request_id] = output
                         progress.update(1)
+                for error in self.engine.take_failures().values():
+                    raise error   # one request failed (the engine aborted it): the call fails, as it would have
         except BaseException:
             self.engine.abort_request(request_ids)
             raise

@@ -41,8 +41,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, chunked_prefill: bool = True) -> None:
         self.block_manager = block_manager
+        # NOTE: off for prompts that must run whole (an encoder's, or MEAN/CLS pooling): a prompt waits
+        # until one step's budget holds all of it. The engine keeps the budget at least max_model_len.
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -58,15 +61,20 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[int] = frozenset()) -> SchedulerOutput:
+        """The next step. `in_flight`: ids of sequences whose previous step is still running (pipeline
+        parallel keeps several batches in flight); they are neither scheduled nor preempted now."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         num_preempted_before = self.num_preemptions
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.seq_id in in_flight:
+                index += 1
+                continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new_tokens):
+            if not self._allocate_or_preempt(seq, num_new_tokens, index, in_flight):
                 break
             scheduled.append(ScheduledSequence(seq, num_new_tokens, seq.num_computed_tokens))
             budget -= num_new_tokens
@@ -90,7 +98,10 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq, num_computed_before)
             if seq.pending_forks and seq.is_prefill_done:
                 self._start_forks(seq)
-            if item.is_sampling:
+            if item.is_sampling and seq.is_pooling:
+                # pooled by the runner this step; its blocks go back to the pool at once
+                self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            elif item.is_sampling:
                 seq.append_token(sampled_token_ids[seq.seq_id])
                 appended.append(seq)
                 status, reason = self._check_stop(seq)
@@ -114,9 +125,12 @@ class Scheduler:
             self.finish(child, status)
         seq.pending_forks = []
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int, index: int, in_flight: frozenset[int]) -> bool:
+        """`seq` is running[index]; the victims are the newest sequences after it that are not in flight."""
         while not self.block_manager.allocate(seq, num_new_tokens):
-            victim = self.running.pop()
+            position = next(p for p in range(len(self.running) - 1, index - 1, -1)
+                            if self.running[p].seq_id not in in_flight)
+            victim = self.running.pop(position)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -138,6 +152,8 @@ class Scheduler:
                 cached_block_ids = self.block_manager.find_cached_prefix(seq)
             num_cached_tokens = len(cached_block_ids) * self.block_manager.block_size
             num_new_tokens = min(seq.num_uncomputed_tokens - num_cached_tokens, budget)
+            if not self.chunked_prefill and num_new_tokens < seq.num_uncomputed_tokens - num_cached_tokens:
+                break
             if not self.block_manager.allocate(seq, num_new_tokens, cached_block_ids):
                 break
             self.waiting.popleft()

@@ -84,6 +84,9 @@ class ForwardContext:
     use_cpu_kernels: bool
     # Rows served by LoRA adapters this step; None when every row runs the base model.
     lora: LoRABatch | None = None
+    # Pipeline parallel, on a stage after the first: the previous stage's hidden states and residual,
+    # [2, num_tokens, hidden_size].
+    pipeline_inputs: torch.Tensor | None = None
 
 
 class _ThreadState(threading.local):
@@ -108,3 +111,10 @@ def get_forward_context() -> ForwardContext:
     context = _state.context
     assert context is not None, "a layer ran outside forward_context()"
     return context
+
+
+def pipeline_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states, residual) the previous pipeline stage sent, each [num_tokens, hidden_size]."""
+    received = get_forward_context().pipeline_inputs
+    assert received is not None, "a pipeline stage after the first ran without the previous stage's output"
+    return received[0], received[1]

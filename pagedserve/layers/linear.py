@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.distributed import current_model_parallel
 from pagedserve.layers import ops
 from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.lora import LoRAPair, apply_lora
@@ -51,7 +52,7 @@ class PackableWeight(nn.Module):
         if tuple(loaded.shape) != expected:
             raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a parameter of "
                              f"shape {expected}")
-        if isinstance(loaded, PackedWeight) and not self._has_float_shard:
+        if isinstance(loaded, PackedWeight) and not self._has_float_shard and self._same_input_order(loaded):
             self._store_packed(loaded, rows)
             return
         if isinstance(loaded, PackedWeight):
@@ -62,6 +63,13 @@ class PackableWeight(nn.Module):
         self._has_float_shard = True
         param.data[rows].copy_(loaded)
 
+    def _same_input_order(self, loaded: PackedWeight) -> bool:
+        """Shards share x, so packed ones must agree on its order (act-order GPTQ); else the layer is float."""
+        if self.packed is None:
+            return True
+        mine, theirs = self.packed.input_order, loaded.input_order
+        return mine is theirs or (mine is not None and theirs is not None and torch.equal(mine, theirs))
+
     def _store_packed(self, loaded: PackedWeight, rows: slice) -> None:
         if self.packed is None:
             groups = self.in_features // loaded.group_size
@@ -69,7 +77,7 @@ class PackableWeight(nn.Module):
                 codes=torch.empty(self.out_features, self.in_features * loaded.bits // 8, dtype=loaded.codes.dtype),
                 scales=torch.zeros(self.out_features, groups),
                 offsets=None if loaded.offsets is None else torch.zeros(self.out_features, groups),
-                group_size=loaded.group_size, bits=loaded.bits)
+                group_size=loaded.group_size, bits=loaded.bits, input_order=loaded.input_order)
         # Shards may differ (e.g. Q4_K q/k beside Q6_K v): keep the finer grouping, and 8-bit codes
         # unless every shard is 4-bit.
         if loaded.bits != self.packed.bits:
@@ -123,7 +131,10 @@ class Linear(PackableWeight):
         param.data[rows].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x, self.bias)
+        return self.add_lora(x, self.matmul(x, self.bias))
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus this step's LoRA deltas of x (subclasses that override forward call it too)."""
         lora = get_forward_context().lora
         if lora is not None and self.lora_pairs:
             y = apply_lora(x, y, self.lora_pairs, lora)
@@ -131,12 +142,47 @@ class Linear(PackableWeight):
 
 
 class VocabEmbedding(PackableWeight):
-    """Token embedding; also the output projection when the checkpoint ties them."""
+    """Token embedding; also the output projection when the checkpoint ties them.
+
+    Vocab-parallel under tensor parallelism (the layout the model is built under): each rank holds a
+    contiguous slice of ceil(vocab_size / tp) rows, the last one padded. An id outside a rank's slice
+    embeds as zeros there and the all-reduce sums the one real row; logits of each slice are gathered.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__(vocab_size, hidden_size, None)
+        tp = current_model_parallel().tp
+        rows_per_rank = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * rows_per_rank
+        num_real_rows = max(0, min(vocab_size - self.vocab_start, rows_per_rank))
+        shards = {"vocab": num_real_rows, "padding": rows_per_rank - num_real_rows} if tp.size > 1 else None
+        super().__init__(rows_per_rank, hidden_size, shards)
+        self.vocab_size = vocab_size
+        self.num_real_rows = num_real_rows
+        self.tp = tp
+        if tp.size > 1:
+            assert self.weight is not None
+            set_weight_loader(self.weight, self._load_vocab_slice)
+
+    def _load_vocab_slice(self, param: nn.Parameter, loaded: torch.Tensor | PackedWeight,
+                          shard_id: str | None = None) -> None:
+        if tuple(loaded.shape) != (self.vocab_size, self.in_features):
+            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit an embedding of "
+                             f"shape {(self.vocab_size, self.in_features)}")
+        rows = slice(self.vocab_start, self.vocab_start + self.num_real_rows)
+        loaded = loaded.rows(rows) if isinstance(loaded, PackedWeight) else loaded[rows]
+        self._load_shard(param, loaded, "vocab")
+        if self.packed is None:
+            param.data[self.num_real_rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size > 1:
+            local_ids = input_ids - self.vocab_start
+            outside = (local_ids < 0) | (local_ids >= self.num_real_rows)
+            embedded = self._embed(local_ids.masked_fill(outside, 0))          # [num_tokens, hidden_size]
+            return self.tp.all_reduce(embedded.masked_fill(outside[:, None], 0.0))
+        return self._embed(input_ids)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.rows(input_ids).dequantize()       # [num_tokens, hidden_size]
         assert self.weight is not None, "a layer without float weights is packed"
@@ -144,4 +190,7 @@ class VocabEmbedding(PackableWeight):
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states @ W^T: [num_rows, hidden_size] -> [num_rows, vocab_size] logits."""
-        return self.matmul(hidden_states, None)
+        logits = self.matmul(hidden_states, None)                 # [num_rows, rows_per_rank]
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits)[:, :self.vocab_size]
+        return logits

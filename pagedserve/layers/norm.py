@@ -31,3 +31,22 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps, use_kernel=use_kernel)
         return ops.add_rms_norm(x, residual, self.weight, self.eps, use_kernel=use_kernel)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (BERT, GPT-2), in the activation dtype as transformers runs it."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = set_weight_loader(nn.Parameter(torch.ones(hidden_size), requires_grad=False), _copy_vector)
+        self.bias = set_weight_loader(nn.Parameter(torch.zeros(hidden_size), requires_grad=False), _copy_vector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def _copy_vector(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    if loaded.shape != param.shape:
+        raise ValueError(f"norm parameter of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
+    param.data.copy_(loaded)

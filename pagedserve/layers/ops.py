@@ -70,6 +70,8 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
                   ) -> torch.Tensor:
     """x @ weight^T + bias without materialising the float weights (kernel), or via dequantization."""
     if _fast(x, use_kernel):
+        if weight.input_order is not None:   # act-order GPTQ: columns sorted by group
+            x = x.index_select(-1, weight.input_order)
         return torch.ops.pagedserve.qlinear(x.contiguous(), weight.codes, weight.scales, weight.offsets, bias,
                                             weight.group_size, weight.bits)
     return F.linear(x, weight.dequantize().to(x.dtype), bias)

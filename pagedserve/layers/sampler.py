@@ -1,5 +1,5 @@
-"""Turn one row of logits per sampling sequence into a token: bias, penalties, temperature, top-k/p,
-min-p, then a draw. Seeded sequences draw from their own generator, so a seeded request samples the
+"""Turn one row of logits per sampling sequence into a token: the grammar mask, bias, penalties,
+temperature, top-k/p, min-p, then a draw. Seeded sequences draw from their own generator, so a seeded request samples the
 same tokens whether it runs alone or inside any batch.
 """
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import xgrammar as xgr
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -20,6 +21,8 @@ class SamplingRow:
     token_ids: list[int]             # prompt + output so far (the sequence's own list, not a copy)
     num_prompt_tokens: int
     eos_token_ids: frozenset[int]
+    # Structured output: the sequence's matcher, already advanced to its output so far.
+    grammar: xgr.GrammarMatcher | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -53,6 +56,7 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
         self._default_generator = torch.Generator(device=device)
         self._default_generator.manual_seed(seed)
+        self._bitmask: torch.Tensor | None = None     # [rows, ceil(vocab_size / 32)] int32, reused
 
     def forget(self, seq_ids: tuple[int, ...]) -> None:
         for seq_id in seq_ids:
@@ -64,10 +68,27 @@ class Sampler:
         if any(row.params.logprobs is not None for row in rows):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
+        self._apply_grammar_masks(logits, rows)
         for index, row in enumerate(rows):
             _apply_row_processors(logits[index], row)
         token_ids = self._choose(logits, rows)
         return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, token_ids, rows))
+
+    def _apply_grammar_masks(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """Disallowed tokens of every constrained row to -inf, in one call for the whole batch."""
+        constrained = [index for index, row in enumerate(rows) if row.grammar is not None]
+        if not constrained:
+            return
+        num_rows, vocab_size = logits.shape
+        if self._bitmask is None or self._bitmask.shape[0] < num_rows or \
+                self._bitmask.shape[1] * 32 < vocab_size:
+            self._bitmask = xgr.allocate_token_bitmask(max(num_rows, 8), vocab_size)
+        bitmask = self._bitmask[:num_rows]
+        for index in constrained:
+            grammar = rows[index].grammar
+            assert grammar is not None
+            grammar.fill_next_token_bitmask(bitmask, index)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=constrained)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         token_ids = logits.argmax(dim=-1)
@@ -101,7 +122,9 @@ def _apply_row_processors(logits: torch.Tensor, row: SamplingRow) -> None:
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias.keys()), device=logits.device)
         logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
-    if len(row.token_ids) - row.num_prompt_tokens < params.min_tokens:
+    # NOTE: a grammar decides itself when the answer may end; banning the end it requires would leave
+    # no token at all.
+    if row.grammar is None and len(row.token_ids) - row.num_prompt_tokens < params.min_tokens:
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(row.eos_token_ids))
         banned_ids = [t for t in banned if t < vocab_size]
         if banned_ids:

@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from pagedserve.layers.quant import PackedWeight
+from pagedserve.loader import gguf_deepseek
 from pagedserve.loader.gguf_blocks import can_pack, pack_blocks
 
 
@@ -64,6 +65,23 @@ class _Reader(gguf.GGUFReader):
     def data(self, value: np.ndarray) -> None:
         self._data = value.view(np.ndarray)
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        # NOTE: the reader slices past the end without a word, and fails later reshaping what it got;
+        # a read past the end is what a truncated file, or a corrupt length or offset, looks like.
+        end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+        if end > len(self._data):
+            raise _PastTheEnd(end, len(self._data))
+        return super()._get(offset, dtype, count, override_order)
+
+
+class _PastTheEnd(ValueError):
+    def __init__(self, end: int, size: int) -> None:
+        super().__init__(f"the file has {size} bytes but its header needs bytes up to {end}: it is truncated, or "
+                         "a length or offset in its header is corrupt")
+
+
+_GGUF_MAGIC = b"GGUF"
+
 
 def read_gguf(files: Sequence[Path]) -> GGUFCheckpoint:
     """Parse the headers of all parts of a GGUF (tensor data is left on disk until iter_gguf_weights)."""
@@ -91,10 +109,20 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     if file_size == 0:
         raise ValueError(f"{path}: not a valid GGUF file (the file is empty)")
     try:
+        with path.open("rb") as file:
+            magic = file.read(len(_GGUF_MAGIC))
+        if magic != _GGUF_MAGIC:
+            raise ValueError(f"{path}: not a valid GGUF file (it starts with {magic!r}, not the magic {_GGUF_MAGIC!r})")
         reader = _Reader(path)
         metadata = {key: field_.contents() for key, field_ in reader.fields.items()}
     except OSError as error:
         raise ValueError(f"{path}: cannot read GGUF file ({error.strerror or error})") from None
+    except _PastTheEnd as error:
+        raise ValueError(f"{path}: not a valid GGUF file ({error})") from None
+    except ValueError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a valid GGUF file ({error})") from None
     except Exception as error:   # the reader fails with whatever numpy or struct raise on a bad header
         raise ValueError(f"{path}: not a valid GGUF file ({type(error).__name__}: {error})") from None
     infos = []
@@ -132,7 +160,12 @@ _HF_ARCHITECTURES = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "deepseek2": ("deepseek_v3", "DeepseekV3ForCausalLM"),   # or V2: see _hf_architecture
 }
+# llama.cpp writes Mixtral as `llama` with experts (llama.expert_count).
+_MIXTRAL = ("mixtral", "MixtralForCausalLM")
 # llama.cpp's converter interleaves the rotary halves of each Q/K head for these; iter_gguf_weights undoes it.
 _PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
 # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w, transformers stores w.
@@ -151,6 +184,10 @@ def gguf_hf_config(ckpt: GGUFCheckpoint) -> Any:
     elif ckpt.architecture == "mistral":
         # MistralConfig defaults to a 4096 window; only a window the file states applies.
         kwargs["sliding_window"] = _metadata(ckpt, "attention.sliding_window", None)
+    if ckpt.architecture == "deepseek2":
+        kwargs |= gguf_deepseek.deepseek_config(ckpt.metadata, ckpt.tensor_names, kwargs)
+    elif _metadata(ckpt, "expert_count", 0):
+        kwargs |= _moe_config(ckpt, model_type)
     try:
         return AutoConfig.for_model(model_type, **kwargs)
     except (TypeError, ValueError) as error:
@@ -158,6 +195,12 @@ def gguf_hf_config(ckpt: GGUFCheckpoint) -> Any:
 
 
 def _hf_architecture(ckpt: GGUFCheckpoint) -> tuple[str, str]:
+    if ckpt.architecture == "llama" and _metadata(ckpt, "expert_count", 0):
+        return _MIXTRAL
+    if ckpt.architecture == "deepseek2":
+        if gguf_deepseek.is_v3(ckpt.metadata, ckpt.tensor_names):
+            return "deepseek_v3", "DeepseekV3ForCausalLM"
+        return "deepseek_v2", "DeepseekV2ForCausalLM"
     if ckpt.architecture not in _HF_ARCHITECTURES:
         raise ValueError(f"{ckpt.files[0]}: GGUF architecture {ckpt.architecture!r} is not supported "
                          f"(supported: {', '.join(sorted(_HF_ARCHITECTURES))})")
@@ -302,6 +345,26 @@ def _gemma3_config(ckpt: GGUFCheckpoint, common: dict[str, Any]) -> dict[str, An
     return config
 
 
+def _moe_config(ckpt: GGUFCheckpoint, model_type: str) -> dict[str, Any]:
+    """Routing from the expert_* keys, under the names each transformers config uses."""
+    num_experts, top_k = _metadata(ckpt, "expert_count"), _metadata(ckpt, "expert_used_count")
+    if model_type == "mixtral":
+        return {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
+    # A layer without a router (ffn_gate_inp) has a dense MLP.
+    dense_layers = [layer for layer in range(_metadata(ckpt, "block_count"))
+                    if f"blk.{layer}.ffn_gate_inp.weight" not in ckpt.tensor_names]
+    config = {"num_experts": num_experts, "num_experts_per_tok": top_k,
+              "moe_intermediate_size": _metadata(ckpt, "expert_feed_forward_length"),
+              "decoder_sparse_step": 1, "mlp_only_layers": dense_layers}
+    if model_type == "qwen2_moe":
+        # llama.cpp's qwen2moe never renormalises the chosen experts' weights; its qwen3moe always does.
+        config |= {"shared_expert_intermediate_size": _metadata(ckpt, "expert_shared_feed_forward_length"),
+                   "norm_topk_prob": False}
+    else:
+        config["norm_topk_prob"] = True
+    return config
+
+
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {  # leaf of blk.N.<leaf> -> module of model.layers.N.<module>
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -314,6 +377,15 @@ _GEMMA3_LAYER_TENSORS = _LAYER_TENSORS | {
     "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+_MOE_LAYER_TENSORS = _LAYER_TENSORS | {
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+_MIXTRAL_LAYER_TENSORS = _LAYER_TENSORS | {"ffn_gate_inp": "block_sparse_moe.gate"}
+# Stacked experts, [num_experts, out, in] in one tensor: yielded one expert at a time.
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_MIXTRAL_EXPERT_TENSORS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
 _CONFIG_ONLY_TENSORS = frozenset({"rope_freqs.weight"})  # folded into rope_scaling by gguf_hf_config
 _DEQUANTIZE_CHUNK_ELEMENTS = 1 << 18
 _LAYER_TENSOR_NAME = re.compile(r"blk\.(?P<layer>\d+)\.(?P<leaf>\w+)\.(?P<kind>weight|bias)")
@@ -321,7 +393,12 @@ _LAYER_TENSOR_NAME = re.compile(r"blk\.(?P<layer>\d+)\.(?P<leaf>\w+)\.(?P<kind>w
 
 def num_gguf_tensors(ckpt: GGUFCheckpoint) -> int:
     """How many tensors iter_gguf_weights yields (for a progress bar)."""
-    return sum(info.name not in _CONFIG_ONLY_TENSORS for info in ckpt.tensors)
+    return sum(info.shape[0] if _is_stacked_experts(info) else 1
+               for info in ckpt.tensors if info.name not in _CONFIG_ONLY_TENSORS)
+
+
+def _is_stacked_experts(info: GGUFTensorInfo) -> bool:
+    return len(info.shape) == 3 and info.name.split(".")[-2] in _EXPERT_TENSORS
 
 
 def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
@@ -331,26 +408,67 @@ def iter_gguf_weights(ckpt: GGUFCheckpoint, hf_config: Any, packed: bool = False
     Weights are float32 tensors, except that with `packed` the matrices of the quantized formats
     PackedWeight can hold exactly are yielded as PackedWeight instead of being dequantized.
     """
-    _hf_architecture(ckpt)
+    model_type, _ = _hf_architecture(ckpt)
     architecture = ckpt.architecture
-    layer_tensors = _GEMMA3_LAYER_TENSORS if architecture == "gemma3" else _LAYER_TENSORS
+    layer_tensors = {"gemma3_text": _GEMMA3_LAYER_TENSORS, "mixtral": _MIXTRAL_LAYER_TENSORS,
+                     "qwen2_moe": _MOE_LAYER_TENSORS, "qwen3_moe": _MOE_LAYER_TENSORS,
+                     "deepseek_v2": gguf_deepseek.LAYER_TENSORS,
+                     "deepseek_v3": gguf_deepseek.LAYER_TENSORS}.get(model_type, _LAYER_TENSORS)
+    split_kv_b: dict[str, dict[str, np.ndarray]] = {}   # layer -> the halves of a split attn_kv_b seen so far
     for info in ckpt.tensors:
         if info.name in _CONFIG_ONLY_TENSORS:
+            continue
+        if _is_stacked_experts(info):
+            yield from _expert_weights(info, model_type, packed)
+            continue
+        if (match := _LAYER_TENSOR_NAME.fullmatch(info.name)) and match["leaf"] in gguf_deepseek.SPLIT_KV_B:
+            if f"blk.{match['layer']}.attn_kv_b.weight" in ckpt.tensor_names:
+                continue   # the file keeps kv_b whole too
+            halves = split_kv_b.setdefault(match["layer"], {})
+            halves[match["leaf"]] = _dequantized(info)
+            if len(halves) == 2:
+                kv_b = gguf_deepseek.join_kv_b(halves["attn_k_b"], halves["attn_v_b"])
+                yield f"model.layers.{match['layer']}.self_attn.kv_b_proj.weight", torch.from_numpy(kv_b)
             continue
         leaf, hf_name = _hf_tensor_name(info.name, layer_tensors)
         if hf_name is None:
             raise ValueError(f"{info.file}: tensor {info.name!r} has no counterpart in a {architecture} model")
-        if packed and len(info.shape) == 2 and can_pack(info.ggml_type):
-            weight: np.ndarray | PackedWeight = pack_blocks(_raw_rows(info), info.ggml_type, info.shape[-1])
-        else:
-            weight = _dequantized(info)  # [out_features, in_features] or [features]
+        weight = _matrix_or_vector(info, _raw_rows(info), packed)
         if architecture in _PERMUTED_QK_ARCHITECTURES and leaf in ("attn_q", "attn_k"):
             num_heads = hf_config.num_attention_heads if leaf == "attn_q" else hf_config.num_key_value_heads
             order = _unpermuted_row_order(info.shape[0], num_heads)
             weight = weight.rows(torch.from_numpy(order)) if isinstance(weight, PackedWeight) else weight[order]
         if architecture in _OFFSET_NORM_ARCHITECTURES and leaf.endswith("norm") and isinstance(weight, np.ndarray):
             weight -= 1.0
+        if leaf == "ffn_gate_inp_shexp" and isinstance(weight, np.ndarray) and weight.ndim == 1:
+            weight = weight[None, :]   # llama.cpp may store the shared expert's [1, hidden] gate as [hidden]
         yield hf_name, weight if isinstance(weight, PackedWeight) else torch.from_numpy(weight)
+
+
+def _matrix_or_vector(info: GGUFTensorInfo, rows: np.ndarray, packed: bool) -> np.ndarray | PackedWeight:
+    """`rows` (raw bytes of some of `info`'s rows) as a PackedWeight where possible, else float32."""
+    row_length = info.shape[-1] if info.shape else 1
+    if packed and len(info.shape) >= 2 and can_pack(info.ggml_type):
+        return pack_blocks(rows, info.ggml_type, row_length)
+    values = _dequantized_rows(info, rows)            # [num_rows, row_length]
+    return values.reshape(info.shape) if rows.shape[0] * row_length == math.prod(info.shape) else values
+
+
+def _expert_weights(info: GGUFTensorInfo, model_type: str, packed: bool
+                    ) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+    """A stacked [num_experts, out, in] expert tensor as each expert's own matrix, still packed."""
+    match = _LAYER_TENSOR_NAME.fullmatch(info.name)
+    assert match is not None, "stacked expert tensors are layer tensors"
+    if model_type == "mixtral":
+        prefix, projection = "block_sparse_moe", _MIXTRAL_EXPERT_TENSORS[match["leaf"]]
+    else:
+        prefix, projection = "mlp", _EXPERT_TENSORS[match["leaf"]]
+    num_experts, num_rows = info.shape[0], info.shape[1]
+    rows = _raw_rows(info)                            # [num_experts * out, bytes_per_row]
+    for expert in range(num_experts):
+        weight = _matrix_or_vector(info, rows[expert * num_rows:(expert + 1) * num_rows], packed)
+        name = f"model.layers.{match['layer']}.{prefix}.experts.{expert}.{projection}.{match['kind']}"
+        yield name, weight if isinstance(weight, PackedWeight) else torch.from_numpy(weight)
 
 
 def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> tuple[str, str | None]:
@@ -359,6 +477,8 @@ def _hf_tensor_name(gguf_name: str, layer_tensors: dict[str, str]) -> tuple[str,
     if base in _GLOBAL_TENSORS and kind in ("weight", "bias"):
         return base, f"{_GLOBAL_TENSORS[base]}.{kind}"
     match = _LAYER_TENSOR_NAME.fullmatch(gguf_name)
+    if match is not None and match["leaf"] in gguf_deepseek.BIAS_TENSORS and layer_tensors is gguf_deepseek.LAYER_TENSORS:
+        return match["leaf"], f"model.layers.{match['layer']}.{gguf_deepseek.BIAS_TENSORS[match['leaf']]}"
     if match is None or match["leaf"] not in layer_tensors:
         return base, None
     return match["leaf"], f"model.layers.{match['layer']}.{layer_tensors[match['leaf']]}.{match['kind']}"
@@ -373,7 +493,11 @@ def _raw_rows(info: GGUFTensorInfo) -> np.ndarray:
 
 def _dequantized(info: GGUFTensorInfo) -> np.ndarray:
     """The tensor as a fresh float32 array of `info.shape`."""
-    rows = _raw_rows(info)
+    return _dequantized_rows(info, _raw_rows(info)).reshape(info.shape)
+
+
+def _dequantized_rows(info: GGUFTensorInfo, rows: np.ndarray) -> np.ndarray:
+    """Raw rows of `info` as a fresh float32 [num_rows, row_length] array."""
     row_length = info.shape[-1] if info.shape else 1
     values = np.empty((rows.shape[0], row_length), dtype=np.float32)
     # NOTE: gguf.quants.dequantize is ~5x faster on cache-sized pieces than on a whole 262k-row embedding.
@@ -385,7 +509,7 @@ def _dequantized(info: GGUFTensorInfo) -> np.ndarray:
     except NotImplementedError:
         raise ValueError(f"{info.file}: tensor {info.name!r} is {info.ggml_type.name}, "
                          "which the gguf package cannot dequantize") from None
-    return values.reshape(info.shape)
+    return values
 
 
 def _unpermuted_row_order(num_rows: int, num_heads: int) -> np.ndarray:

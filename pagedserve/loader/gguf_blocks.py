@@ -97,12 +97,36 @@ def _q6_k(blocks: np.ndarray) -> _Unpacked:
     return codes, scales, None, 16, 8
 
 
+def _q2_k(blocks: np.ndarray) -> _Unpacked:
+    # 16 groups of 16: scale d * (sc & 15), offset -dmin * (sc >> 4); 2-bit codes, four per byte
+    sc = blocks[:, :16]
+    d, dmin = _half(blocks[:, 80:82]), _half(blocks[:, 82:84])
+    qs = blocks[:, 16:80].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = (qs & 3).reshape(-1, 256).astype(np.int8)
+    return codes, d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32)), 16, 8
+
+
+def _q3_k(blocks: np.ndarray) -> _Unpacked:
+    # 16 groups of 16 with 6-bit signed scales; codes 2 low bits minus 4 where the high-bit mask is 0
+    d = _half(blocks[:, 108:110])
+    low = (blocks[:, 96:104].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(-1, 16)
+    high = (blocks[:, 104:108].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+            ).reshape(-1, 16)
+    sc = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int8) - 32
+    ql = blocks[:, 32:96].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = blocks[:, :32].reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+    codes = (ql & 3).reshape(-1, 256).astype(np.int8) - (((qh & 1) ^ 1) << 2).reshape(-1, 256).astype(np.int8)
+    return codes, d * sc.astype(np.float32), None, 16, 8
+
+
 _UNPACKERS: dict[GGMLQuantizationType, Callable[[np.ndarray], _Unpacked]] = {
     GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q4_0: _q4_0,
     GGMLQuantizationType.Q4_1: _q4_1,
     GGMLQuantizationType.Q5_0: _q5_0,
     GGMLQuantizationType.Q5_1: _q5_1,
+    GGMLQuantizationType.Q2_K: _q2_k,
+    GGMLQuantizationType.Q3_K: _q3_k,
     GGMLQuantizationType.Q4_K: _q4_k,
     GGMLQuantizationType.Q5_K: _q5_k,
     GGMLQuantizationType.Q6_K: _q6_k,

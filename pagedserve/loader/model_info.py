@@ -20,7 +20,7 @@ _MAX_INFO_ARRAY = 5
 
 @dataclass(frozen=True)
 class ModelDetails:
-    format: str                  # "gguf" or "safetensors"
+    format: str                  # "gguf", "safetensors" or "pytorch" (.bin)
     family: str                  # llama, qwen2, gemma3, ...
     parameter_count: int
     quantization: str            # Q4_K_M, Q8_0, BF16, F32, ...
@@ -100,18 +100,36 @@ def _gguf_file_type(metadata: dict[str, Any]) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+_QUANT_BOOKKEEPING = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_zero_point", ".weight_g_idx",
+                      ".weight_shape")
+
+
 def _describe_hf(folder: Path) -> ModelDetails:
-    from pagedserve.loader.safetensors import safetensors_files
+    from pagedserve.loader.safetensors import has_safetensors, safetensors_files
 
     config = _read_json(folder / "config.json")
     text_config = config.get("text_config") or config
-    files = safetensors_files(folder)
+    quantization_config = config.get("quantization_config") or {}
+    quant_method = str(quantization_config.get("quant_method") or "")
+    groups = list((quantization_config.get("config_groups") or {}).values())
+    weights_per_int32 = 32 // int(((groups[0].get("weights") or {}) if groups else {}).get("num_bits") or 4)
     num_params, dtypes = 0, Counter[str]()
-    for file in files:
-        for tensor in _safetensors_header(file).values():
-            count = math.prod(tensor["shape"])
-            num_params += count
-            dtypes[tensor["dtype"]] += count
+    if has_safetensors(folder):
+        files, weight_format = safetensors_files(folder), "safetensors"
+        for file in files:
+            for name, tensor in _safetensors_header(file).items():
+                count = math.prod(tensor["shape"])
+                if name.endswith(_QUANT_BOOKKEEPING):                 # AWQ/GPTQ/compressed-tensors: not weights
+                    continue
+                if name.endswith((".qweight", ".weight_packed")):      # 4-bit (or 8-bit) weights packed in int32s
+                    count *= 8 if name.endswith(".qweight") else weights_per_int32
+                num_params += count
+                dtypes[tensor["dtype"]] += count
+    else:
+        files, weight_format = _bin_tensor_counts(folder, dtypes), "pytorch"
+        num_params = sum(dtypes.values())
+    if not files:
+        raise ValueError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
     family = str(text_config.get("model_type") or config.get("model_type") or "unknown")
     info = {"general.architecture": family, "general.parameter_count": num_params,
             f"{family}.context_length": text_config.get("max_position_embeddings"),
@@ -120,12 +138,23 @@ def _describe_hf(folder: Path) -> ModelDetails:
             f"{family}.attention.head_count": text_config.get("num_attention_heads"),
             f"{family}.attention.head_count_kv": text_config.get("num_key_value_heads")}
     return ModelDetails(
-        format="safetensors", family=family, parameter_count=num_params,
-        quantization=dtypes.most_common(1)[0][0] if dtypes else "unknown",
+        format=weight_format, family=family, parameter_count=num_params,
+        quantization=quant_method.upper() or (dtypes.most_common(1)[0][0] if dtypes else "unknown"),
         context_length=int(text_config.get("max_position_embeddings") or 0),
         embedding_length=int(text_config.get("hidden_size") or 0),
         size_bytes=sum(path.stat().st_size for path in files), modified=max(path.stat().st_mtime for path in files),
         chat_template=_hf_chat_template(folder), info={key: value for key, value in info.items() if value is not None})
+
+
+def _bin_tensor_counts(folder: Path, dtypes: Counter[str]) -> list[Path]:
+    """The .bin files, with each dtype's element count added to `dtypes` (memory-mapped: no tensor is read)."""
+    from pagedserve.loader.pytorch_bin import bin_files, load_state_dict
+
+    files = bin_files(folder)
+    for file in files:
+        for tensor in load_state_dict(file).values():
+            dtypes[str(tensor.dtype).removeprefix("torch.").upper()] += tensor.numel()
+    return files
 
 
 def _safetensors_header(file: Path) -> dict[str, Any]:

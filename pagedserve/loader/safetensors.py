@@ -29,6 +29,11 @@ def load_hf_config(folder: Path) -> Any:
         raise ValueError(f"{config_file}: transformers cannot load this config: {error}") from error
 
 
+def has_safetensors(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / _INDEX_FILE).is_file() or any(folder.glob("*.safetensors"))
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files, from the shard index when there is one, else every *.safetensors in the folder."""
     folder = Path(folder)
@@ -44,7 +49,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{folder}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+        raise ValueError(f"{folder}: no *.safetensors weights ")
     return files
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from pagedserve.config import ModelConfig
 from pagedserve.layers.attention import Attention
-from pagedserve.layers.linear import Linear, VocabEmbedding
+from pagedserve.layers.linear import VocabEmbedding
+from pagedserve.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
 from pagedserve.models.causal_lm import CausalLM
@@ -41,14 +42,15 @@ def _gemma_norm(size: int, config: ModelConfig) -> RMSNorm:
 class Gemma3Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # this rank's heads (all of them on one rank)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
-                               shard_sizes={"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=config.attention_bias)
         self.q_norm = _gemma_norm(self.head_dim, config)
         self.k_norm = _gemma_norm(self.head_dim, config)
         scalar = config.query_pre_attn_scalar or self.head_dim
@@ -118,6 +120,7 @@ class Gemma3Model(nn.Module):
 
 class Gemma3ForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
+    supports_tensor_parallel = True
 
     def __init__(self, config: ModelConfig) -> None:
         model = Gemma3Model(config)

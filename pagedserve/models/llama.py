@@ -7,8 +7,10 @@ from torch import nn
 from pagedserve.config import ModelConfig
 from pagedserve.layers.activation import gated_activation
 from pagedserve.layers.attention import Attention
-from pagedserve.layers.forward_context import get_forward_context
-from pagedserve.layers.linear import Linear, VocabEmbedding
+from pagedserve.layers.forward_context import get_forward_context, pipeline_inputs
+from pagedserve.distributed import current_model_parallel
+from pagedserve.layers.linear import VocabEmbedding
+from pagedserve.layers.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
 from pagedserve.models.causal_lm import CausalLM
@@ -18,14 +20,14 @@ from pagedserve.models.llama_fused import FusedDecodeLayer, fused_decode_layer
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        # this rank's heads (all of them on one rank)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
-                               shard_sizes={"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size)
         self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -48,8 +50,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * size, shard_sizes={"gate": size, "up": size})
-        self.down_proj = Linear(size, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": size, "up": size})
+        self.down_proj = RowParallelLinear(size, config.hidden_size)
         self.act = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,17 +86,29 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # Under pipeline parallelism this stage builds only its layers (the others stay placeholders, so
+        # layer indices keep the checkpoint's numbering); the first stage embeds, the last one norms.
+        self.stage = current_model_parallel().stage
+        self.tp_size = current_model_parallel().tp.size
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if self.stage.is_first else None
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) if self.stage.holds(i) else nn.Identity()
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)            # [num_tokens, hidden_size]
+        """The final hidden states [num_tokens, hidden_size]; on a stage before the last, its hidden states
+        and residual stacked, [2, num_tokens, hidden_size], for the next stage."""
         cos_sin = self.rotary_emb(positions)
-        residual = None
-        for layer in self.layers:
+        if self.embed_tokens is not None:
+            hidden_states, residual = self.embed_tokens(input_ids), None   # [num_tokens, hidden_size]
+        else:
+            hidden_states, residual = pipeline_inputs()
+        for layer in self.layers[self.stage.start_layer:self.stage.end_layer]:
             hidden_states, residual = layer(cos_sin, hidden_states, residual)
+        if self.norm is None:
+            assert residual is not None, "every stage runs at least one layer"
+            return torch.stack((hidden_states, residual))
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -108,6 +122,8 @@ PACKED_MODULES = {
 
 class LlamaForCausalLM(CausalLM):
     packed_modules = PACKED_MODULES
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, config: ModelConfig) -> None:
         model = LlamaModel(config)
@@ -115,6 +131,10 @@ class LlamaForCausalLM(CausalLM):
 
     def enable_fused_decode(self) -> None:
         assert isinstance(self.model, LlamaModel)
+        # NOTE: the C++ layer runs o_proj and down_proj with no all-reduce after them, so a tensor-parallel
+        # shard runs the Python layer (its packed projections still use the C++ matmul kernel).
+        if self.model.tp_size > 1:
+            return
         for layer in self.model.layers:
             if isinstance(layer, LlamaDecoderLayer):
                 layer.fused_decode = fused_decode_layer(layer)

@@ -40,6 +40,8 @@ def fused_decode_layer(layer: Any) -> FusedDecodeLayer | None:
     projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if not isinstance(mlp.act, SiluAndMul) or any(p.packed is None for p in projections):
         return None
+    if any(p.packed is not None and p.packed.input_order is not None for p in projections):   # act-order GPTQ: the C++ layer has no gather
+        return None
     kernel = torch.classes.pagedserve.LlamaDecodeLayer(
         input_norm=layer.input_layernorm.weight,
         post_norm=layer.post_attention_layernorm.weight,

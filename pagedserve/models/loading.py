@@ -18,21 +18,28 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | P
 
     Fused parameters (qkv, gate/up) receive each piece with its shard id. A model may rename
     checkpoint prefixes (`checkpoint_prefixes`) and skip parts it does not run
-    (`ignored_checkpoint_prefixes`, e.g. a vision tower). Every parameter must be filled exactly
+    (`ignored_checkpoint_prefixes`, e.g. a vision tower; `ignored_checkpoint_suffixes`, e.g. saved buffers). Every parameter must be filled exactly
     once; anything missing or unknown is an error naming it.
     """
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     renamed: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
+    # infix renames (".w1." -> ".gate_proj."), for families whose checkpoints name modules their own way
+    infixes: dict[str, str] = getattr(model, "checkpoint_renames", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_prefixes", ())
+    ignored_suffixes: tuple[str, ...] = _IGNORED_SUFFIXES + getattr(model, "ignored_checkpoint_suffixes", ())
     tied = getattr(model.config, "tie_word_embeddings", False)
+    # NOTE: under pipeline parallelism another stage's layers are no error here: that stage loads them.
+    is_elsewhere = getattr(model, "is_elsewhere", lambda name: False)
     expected = set(_expected_shards(params, packed))
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
         if name.startswith(ignored):
             continue
         name = _renamed(name, renamed)
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        for old, new in infixes.items():
+            name = name.replace(old, new)
+        if name.endswith(ignored_suffixes) or (tied and name == "lm_head.weight") or is_elsewhere(name):
             continue
         param_name, shard_id = _our_name(name, packed)
         param = params.get(param_name)

@@ -2,6 +2,7 @@
 and the lifespan that loads the models in the background and stops their engines at shutdown."""
 from __future__ import annotations
 
+import re
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import AsyncIterator, Callable, Sequence
@@ -43,6 +44,23 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# What Ollama always allows (envconfig.AllowedOrigins): pages served from this machine, and desktop
+# apps' own schemes.
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+_APP_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
+
+
+def cors_origins(allowed: Sequence[str]) -> tuple[list[str], str | None]:
+    """(exact origins, a pattern for the rest) for CORS: localhost origins and the `allowed` ones; "*"
+    alone means any origin, and inside an origin any run of characters."""
+    if "*" in allowed:
+        return ["*"], None
+    hosts = "|".join(re.escape(host) for host in _LOCAL_HOSTS)
+    patterns = [rf"https?://(?:{hosts})(?::\d+)?", rf"(?:{'|'.join(_APP_SCHEMES)})://.*"]
+    patterns += [re.escape(origin).replace(r"\*", "[^/]*") for origin in allowed if "*" in origin]
+    return [origin for origin in allowed if "*" not in origin], "|".join(f"(?:{pattern})" for pattern in patterns)
+
+
 def create_app(server_config: ServerConfig, engine_config: EngineConfig,
                on_fatal: Callable[[BaseException], None] | None = None,
                model_names: Sequence[str] | None = None) -> FastAPI:
@@ -60,7 +78,8 @@ def create_app(server_config: ServerConfig, engine_config: EngineConfig,
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
+    origins, origin_pattern = cors_origins(server_config.allowed_origins)
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=origin_pattern,
                        allow_credentials=server_config.allow_credentials,
                        allow_methods=list(server_config.allowed_methods),
                        allow_headers=list(server_config.allowed_headers))

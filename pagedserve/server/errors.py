@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -23,12 +24,13 @@ class APIError(Exception):
     """An error to send to the client as is."""
 
     def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, param: str | None = None,
-                 error_type: str | None = None) -> None:
+                 error_type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = int(status)
         self.param = param
         self.error_type = error_type or error_type_for(self.status)
+        self.headers = headers
 
     def to_dict(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.error_type)
@@ -36,7 +38,7 @@ class APIError(Exception):
     def to_response(self, request: Request | None = None) -> JSONResponse:
         """OpenAI's shape; Ollama's (`{"error": "message"}`) for a request to the Ollama API."""
         body = {"error": self.message} if request is not None and is_ollama_path(request) else self.to_dict()
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def is_ollama_path(request: Request) -> bool:
@@ -60,17 +62,24 @@ def sse_error(error: BaseException) -> str:
 
 
 def from_exception(error: BaseException) -> APIError:
-    """APIError for anything raised while serving a request: ValueError is the client's fault (400)."""
-    from pagedserve.engine.async_engine import EngineDeadError
+    """APIError for anything raised while serving a request: ValueError is the client's fault (400).
+
+    A fault of ours is a 500 whose message names no exception, file or path: those go to the log.
+    """
+    from pagedserve.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestFailedError
 
     if isinstance(error, APIError):
         return error
+    if isinstance(error, EngineOverloadedError):
+        return APIError(str(error), HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, EngineDeadError):
         return APIError(str(error), HTTPStatus.SERVICE_UNAVAILABLE)
+    if isinstance(error, RequestFailedError):   # the engine logged the cause
+        return APIError(f"{error}; the server log has the details", HTTPStatus.INTERNAL_SERVER_ERROR)
     if isinstance(error, ValueError):
         return APIError(str(error), HTTPStatus.BAD_REQUEST, getattr(error, "param", None))
     logger.exception("request failed", exc_info=error)
-    return APIError(f"internal error: {type(error).__name__}: {error}", HTTPStatus.INTERNAL_SERVER_ERROR)
+    return APIError("internal server error; the server log has the details", HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -97,19 +106,31 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "; ".join(messages) or "invalid request", param
 
 
+def _logged(request: Request, error: APIError) -> JSONResponse:
+    """The error's response, after one log line with its reason and the request's id (the client's
+    X-Request-Id, else a new one, sent back in that header)."""
+    request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+    level = logging.WARNING if error.status >= HTTPStatus.INTERNAL_SERVER_ERROR else logging.INFO
+    logger.log(level, "Request %s (%s %s) answered %d: %s", request_id, request.method, request.url.path,
+               error.status, error.message)
+    response = error.to_response(request)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return error.to_response(request)
+    return _logged(request, error)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message, param = validation_message(list(error.errors()))
-    return APIError(message, HTTPStatus.BAD_REQUEST, param).to_response(request)
+    return _logged(request, APIError(message, HTTPStatus.BAD_REQUEST, param))
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    body = {"error": str(error.detail)} if is_ollama_path(request) else error_body(str(error.detail), error.status_code)
-    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+    api_error = APIError(str(error.detail), error.status_code, headers=getattr(error, "headers", None))
+    return _logged(request, api_error)
 
 
 async def _known_error(request: Request, error: Exception) -> JSONResponse:
-    return from_exception(error).to_response(request)
+    return _logged(request, from_exception(error))

@@ -66,6 +66,9 @@ class MetricFamilies:
         self.preemptions = counter("vllm:num_preemptions", "Sequences preempted to free KV cache.")
         self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                        ["model_name", "finished_reason"], registry=registry)
+        self.rejected = Counter("pagedserve:requests_rejected", "Requests refused (queue_full) or dropped while "
+                                "waiting (queue_timeout) for load, answered 503.", ["model_name", "reason"],
+                                registry=registry)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", _ITL_BUCKETS)
         self.tpot = histogram("vllm:time_per_output_token_seconds", "Time per output token (older name).",
@@ -102,6 +105,7 @@ class EngineMetrics:
         for name in _LABELLED:
             setattr(self, name, getattr(self.families, name).labels(model_name))
         self.request_success = self.families.request_success
+        self.rejected = self.families.rejected
 
     # ---- the engine hook --------------------------------------------------------------------------
 
@@ -130,8 +134,9 @@ class EngineMetrics:
 
     def record_finished(self, output: Any) -> None:
         """Latencies and counts of a finished request (a final `RequestOutput`)."""
-        first = output.outputs[0]
-        self.request_success.labels(self._model_name, first.finish_reason or "stop").inc()
+        # an embedding request has no completions: it stops once its prompt is pooled
+        reason = output.outputs[0].finish_reason if output.outputs else None
+        self.request_success.labels(self._model_name, reason or "stop").inc()
         self.request_prompt_tokens.observe(len(output.prompt_token_ids))
         self.request_generation_tokens.observe(sum(c.num_output_tokens for c in output.outputs))
         metrics = output.metrics
@@ -151,6 +156,10 @@ class EngineMetrics:
         for gauge in (self.num_running, self.num_waiting, self.kv_cache_usage, self.gpu_cache_usage,
                       self.num_free_blocks, self.num_blocks):
             gauge.set(0)
+
+    def record_rejected(self, reason: str) -> None:
+        """A request refused or dropped for load (the queue limits); on the event loop or the engine thread."""
+        self.rejected.labels(self._model_name, reason).inc()
 
     def record_aborted(self) -> None:
         """A request the server aborted (client gone, shutdown); the engine reports nothing for it."""

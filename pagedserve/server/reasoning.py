@@ -15,10 +15,12 @@ complete. Streaming and whole-text parsing share one state machine, so they alwa
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
 from pagedserve.config import REASONING_PARSERS
+from pagedserve.sampling_params import SamplingParams
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -116,3 +118,12 @@ def _partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
                 longest = length
                 break
     return longest
+
+
+def grammar_after_reasoning(params: SamplingParams, parser_name: str | None, prompt: str) -> SamplingParams:
+    """A structured-output request to a model that reasons first: the grammar starts after `</think>`
+    (as vLLM does), so the thinking stays free and the answer follows the schema."""
+    spec = params.structured_outputs
+    if spec is None or parser_name is None or not ReasoningParser(parser_name, prompt).has_reasoning:
+        return params
+    return params.replace(structured_outputs=dataclasses.replace(spec, starts_after=THINK_END))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
+import threading
 from types import FrameType
 from typing import Sequence
 
@@ -14,6 +16,7 @@ from pagedserve import __version__
 from pagedserve.config import EngineConfig, ServerConfig
 from pagedserve.config.duration import format_duration
 from pagedserve.server.app import create_app
+from pagedserve.server.connections import HeaderTimeoutProtocol
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
@@ -21,6 +24,10 @@ logger = logging.getLogger("pagedserve.server")
 
 # Beyond shutdown_timeout, how long uvicorn waits for connections before cancelling them.
 _SHUTDOWN_MARGIN_SECONDS = 5.0
+# After a fatal error, beyond uvicorn's graceful shutdown, how long stopping the engines may take.
+_FORCED_EXIT_MARGIN_SECONDS = 10.0
+# The exit status after a fatal error (a model failed to load at start-up, an engine loop died).
+FATAL_EXIT_CODE = 1
 
 
 class _Server(uvicorn.Server):
@@ -46,7 +53,13 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._state.begin_drain)
 
     def stop(self, _error: BaseException) -> None:
+        """A fatal error (a start-up load failed, an engine loop died): shut down now, and should that
+        hang, end the process anyway once the graceful shutdown's time is up."""
         self.should_exit = True
+        bound = self.config.timeout_graceful_shutdown or 0
+        timer = threading.Timer(bound + _FORCED_EXIT_MARGIN_SECONDS, _force_exit)
+        timer.daemon = True
+        timer.start()
 
     def _bound_port(self) -> int:
         for server in self.servers:
@@ -57,7 +70,8 @@ class _Server(uvicorn.Server):
 
 def run_server(server_config: ServerConfig, engine_config: EngineConfig,
                model_names: Sequence[str] | None = None) -> int:
-    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up."""
+    """Serve until told to stop; 0 after a clean shutdown, 1 if a model failed to load at start-up or an
+    engine loop died."""
     holder: list[_Server] = []
     app = create_app(server_config, engine_config, on_fatal=lambda error: holder[0].stop(error),
                      model_names=model_names)
@@ -65,12 +79,21 @@ def run_server(server_config: ServerConfig, engine_config: EngineConfig,
         app, host=server_config.host, port=server_config.port, log_config=None,
         log_level=server_config.uvicorn_log_level, access_log=not server_config.disable_uvicorn_access_log,
         ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+        http=HeaderTimeoutProtocol.factory(server_config.timeout_request_header),  # type: ignore[arg-type]
+        timeout_keep_alive=server_config.timeout_keep_alive,
         timeout_graceful_shutdown=int(server_config.shutdown_timeout + _SHUTDOWN_MARGIN_SECONDS))
     server = _Server(config, app.state.server)
     holder.append(server)
     server.run()
-    failed = any(model.load_error is not None for model in app.state.server.served_models)
-    return 1 if failed else 0
+    state: ServerState = app.state.server
+    failed = state.engine_error is not None or any(model.load_error is not None for model in state.served_models)
+    return FATAL_EXIT_CODE if failed else 0
+
+
+def _force_exit() -> None:
+    logger.critical("the server did not shut down in time after a fatal error; exiting now")
+    logging.shutdown()
+    os._exit(FATAL_EXIT_CODE)
 
 
 def _startup_line(state: ServerState, port: int) -> str:

@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 
 class ServedModel:
     def __init__(self, names: tuple[str, ...], requested: str, engine_config: EngineConfig,
-                 server_config: ServerConfig, families: MetricFamilies, *, is_eager: bool, keep_alive: float) -> None:
-        """`requested`: the model as the user named it; a created model's name loads its manifest's source."""
+                 server_config: ServerConfig, families: MetricFamilies, *, is_eager: bool, keep_alive: float,
+                 on_engine_dead: Callable[[ServedModel, BaseException], None] | None = None) -> None:
+        """`requested`: the model as the user named it; a created model's name loads its manifest's source.
+        `on_engine_dead(model, error)` is called on the event loop if its engine loop dies."""
         self.names = names
         self.requested = requested
         self.manifest = find_manifest(requested, models_dir(engine_config.models_dir))
@@ -49,6 +51,7 @@ class ServedModel:
         self.details: Any = None                     # ModelDetails, read once on demand
         self._server_config = server_config
         self._families = families
+        self._on_engine_dead = on_engine_dead
         self.metrics = EngineMetrics(self.name, None, families)
         self._session_keep_alive = keep_alive
         self._is_unload_requested = False
@@ -80,18 +83,33 @@ class ServedModel:
             if self.client is None:
                 interval = None if self._server_config.disable_log_stats else self._server_config.log_stats_interval
                 metrics = EngineMetrics(self.name, interval, self._families)
-                client = await _in_daemon_thread(self._build, metrics)
+                client = await _in_daemon_thread(self._build, metrics, asyncio.get_running_loop())
                 self._loaded(client, metrics)
         return time.perf_counter() - start
 
-    def _build(self, metrics: EngineMetrics) -> EngineClient:
+    def _build(self, metrics: EngineMetrics, loop: asyncio.AbstractEventLoop) -> EngineClient:
+        from pagedserve.engine.async_engine import QueueLimits
         from pagedserve.engine.engine_client import EngineClient   # NOTE: here, so torch loads after the server listens
+
+        def on_dead(error: BaseException) -> None:   # on the dead loop's thread
+            try:
+                loop.call_soon_threadsafe(self._engine_died, error)
+            except RuntimeError:   # the event loop is gone too: the server is stopping anyway
+                pass
 
         server_config = self._server_config
         return EngineClient.start(self.engine_config, self.defaults,
                                   sampling_overrides=server_config.generation_overrides,
                                   use_generation_config=server_config.generation_config == "auto",
-                                  on_step=metrics.on_step)
+                                  on_step=metrics.on_step, on_dead=on_dead,
+                                  queue_limits=QueueLimits(server_config.max_waiting_requests,
+                                                           server_config.max_queue_time),
+                                  on_reject=metrics.record_rejected,
+                                  default_max_tokens=server_config.default_max_tokens or None)
+
+    def _engine_died(self, error: BaseException) -> None:
+        if self._on_engine_dead is not None:
+            self._on_engine_dead(self, error)
 
     def _loaded(self, client: EngineClient, metrics: EngineMetrics) -> None:
         self.client, self.metrics = client, metrics

@@ -43,7 +43,9 @@ class ServerState:
         self.engine_config = engine_config
         self.families = MetricFamilies()
         self.models = build_models(server_config, engine_config, self.families,
-                                   [engine_config.model] if model_names is None else list(model_names))
+                                   [engine_config.model] if model_names is None else list(model_names),
+                                   self._engine_died)
+        self.engine_error: BaseException | None = None   # an engine loop died: the server exits non-zero
         # LoRA adapter name -> (the model it adapts, its folder, the base name /v1/models shows as parent);
         # --lora-modules are loaded by the first model's engine, as vLLM serves one model.
         self.loras: dict[str, tuple[ServedModel, str, str | None]] = {
@@ -85,7 +87,7 @@ class ServerState:
         keep_alive = (parse_duration(self.server_config.keep_alive) if self.server_config.keep_alive is not None
                       else _LAZY_KEEP_ALIVE_SECONDS)
         model = ServedModel((name,), name, self.engine_config, self.server_config, self.families, is_eager=False,
-                            keep_alive=keep_alive)
+                            keep_alive=keep_alive, on_engine_dead=self._engine_died)
         self.models[name] = model
         return model
 
@@ -131,6 +133,15 @@ class ServerState:
             if self.is_draining:
                 await model.shutdown()
 
+    def _engine_died(self, model: ServedModel, error: BaseException) -> None:
+        """An engine loop died (on the event loop): /health answers 500 from now on and the server stops,
+        exiting non-zero, so that a supervisor restarts it."""
+        self.engine_error = error
+        logger.critical("the engine of %s has stopped (%s: %s); the server shuts down", model.name,
+                        type(error).__name__, error)
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
     def health(self) -> tuple[int, str]:
         """(HTTP status, reason) for /health: 200 once the models loaded at start-up are ready."""
         models = self.served_models
@@ -138,6 +149,8 @@ class ServerState:
             if model.load_error is not None:
                 which = f" {model.name}" if len(models) > 1 else ""
                 return HTTPStatus.INTERNAL_SERVER_ERROR, f"the model{which} failed to load: {model.load_error}"
+        if self.engine_error is not None:
+            return HTTPStatus.INTERNAL_SERVER_ERROR, "the engine has stopped"
         if self.is_draining:
             return HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down"
         if any(model.is_starting for model in models):
@@ -147,6 +160,14 @@ class ServerState:
         return HTTPStatus.OK, "ok"
 
     # ---- requests -------------------------------------------------------------------------------
+
+    def check_request_template(self, chat_template: str | None, chat_template_kwargs: dict[str, Any] | None) -> None:
+        """400 for a chat template sent with a request, unless --trust-request-chat-template (vLLM's words)."""
+        if self.server_config.trust_request_chat_template:
+            return
+        if chat_template is not None or (chat_template_kwargs and chat_template_kwargs.get("chat_template") is not None):
+            raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                           "Refused request with untrusted chat template.", HTTPStatus.BAD_REQUEST)
 
     async def respond(self, model: ServedModel, handler: Callable[[float], Awaitable[Response]],
                       keep_alive: float | None = None) -> Response:
@@ -231,7 +252,12 @@ class RequestTracker:
         self._model = model
         self._streams = streams
         self.completed = False
+        self.failure: str | None = None   # why it ended early, when not because the client left
         self._is_closed = False
+
+    def fail(self, error: BaseException) -> None:
+        """The request ended with `error` (for the log line; the client got it as an answer or an event)."""
+        self.failure = f"{type(error).__name__}: {error}"
 
     def close(self) -> None:
         if self._is_closed:
@@ -240,12 +266,16 @@ class RequestTracker:
         self._state.num_in_flight -= 1
         if not self.completed:
             self._model.metrics.record_aborted()
+            request_ids = ", ".join(stream.request_id for stream in self._streams)
+            logger.info("Aborted request %s: %s", request_ids, self.failure or "the client disconnected")
         for stream in self._streams:
             stream.abort()
 
 
 def build_models(server_config: ServerConfig, engine_config: EngineConfig, families: MetricFamilies,
-                 model_names: list[str]) -> dict[str, ServedModel]:
+                 model_names: list[str],
+                 on_engine_dead: Callable[[ServedModel, BaseException], None] | None = None
+                 ) -> dict[str, ServedModel]:
     """Every name a request may use -> its model: those named (loaded at start-up unless --lazy-load),
     then those of an explicitly given models directory (loaded on first use)."""
     directory = models_dir(engine_config.models_dir)
@@ -265,7 +295,7 @@ def build_models(server_config: ServerConfig, engine_config: EngineConfig, famil
         keep_alive = (parse_duration(server_config.keep_alive) if server_config.keep_alive is not None
                       else math.inf if is_eager else _LAZY_KEEP_ALIVE_SECONDS)
         model = ServedModel(tuple(names), requested, engine_config, server_config, families, is_eager=is_eager,
-                            keep_alive=keep_alive)
+                            keep_alive=keep_alive, on_engine_dead=on_engine_dead)
         # NOTE: unless names were chosen, the model as typed (e.g. a path) is accepted too, as vLLM serves it.
         accepted = names if chosen_names else [*names, requested]
         for name in dict.fromkeys(accepted):

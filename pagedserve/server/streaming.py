@@ -129,6 +129,9 @@ async def collect_tracked(streams: list[Any], request: Request, tracker: Any) ->
     try:
         finals = await collect_final(streams, request)
         tracker.completed = finals is not None
+    except BaseException as error:
+        tracker.fail(error)
+        raise
     finally:
         tracker.close()
     return finals

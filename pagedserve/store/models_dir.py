@@ -192,6 +192,7 @@ def _first(value: str | None, fallback: str | None) -> str | None:
 
 def _source_of(from_: str, base_dir: Path) -> str:
     """FROM as the engine will load it: an alias or repo id as written, a path made absolute and checked."""
+    from pagedserve.loader.model_info import describe
     from pagedserve.loader.source import MODEL_ALIASES, resolve_model
 
     if from_ in MODEL_ALIASES:
@@ -199,7 +200,9 @@ def _source_of(from_: str, base_dir: Path) -> str:
     path = Path(from_).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if path.exists():
-        resolve_model(str(path))   # raises ValueError unless it is a GGUF or a Hugging Face folder
+        # NOTE: the files' headers are read now, so a corrupt or truncated file fails `create`, not the
+        # first load (ValueError unless it is a readable GGUF or Hugging Face folder)
+        describe(resolve_model(str(path)))
         return os.path.abspath(path)
     if _REPO_ID.match(from_):
         logger.info("FROM %s: a hub repo; it is downloaded when the model first loads", from_)

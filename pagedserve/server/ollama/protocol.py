@@ -6,7 +6,9 @@ the model's default (a Modelfile PARAMETER, generation_config.json), else Ollama
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.config.duration import parse_duration
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
+from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError, StructuredOutputsParams
 from pagedserve.store.defaults import SamplingDefaults
 
 # Ollama's DefaultOptions() for what neither the request nor the model sets (SamplingParams fields).
@@ -42,15 +44,25 @@ class InferenceBody(OllamaBody):
     options: dict[str, Any] | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: str | float | None = None
-    think: bool | str | None = None    # accepted; a reasoning parser (--reasoning-parser) splits the thinking
+    think: bool | str | None = None    # see think_options
 
     def keep_alive_seconds(self) -> float | None:
         """The request's keep_alive in seconds (math.inf: forever), or None when it gives none."""
         return None if self.keep_alive is None else parse_duration(self.keep_alive)
 
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        """Ollama's `format`: "json" for any JSON object, or a JSON schema the answer must follow."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return StructuredOutputsParams(json_object=True)
+        if isinstance(self.format, dict):
+            return StructuredOutputsParams(json=self.format)
+        # Ollama's own wording for a format it cannot read
+        raise SamplingParamsError("format", f"invalid format: {self.format!r}; expected \"json\" or a JSON schema")
+
     def check_supported(self) -> None:
-        if self.format not in (None, ""):
-            raise ValueError("structured output is not supported yet: 'format' must be empty")
+        self.structured_outputs()
 
 
 class ChatBody(InferenceBody):
@@ -112,12 +124,59 @@ class CreateBody(OllamaBody):
     quantize: str | None = None
 
 
-def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool
-                    ) -> tuple[SamplingParams, int | None]:
-    """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option."""
+@dataclass(frozen=True)
+class ThinkOptions:
+    """What Ollama's `think` asks of the template and of the answer."""
+
+    template_kwargs: dict[str, Any] | None
+    reasoning_parser: str | None
+    show: bool                         # send the thinking (false for think: false)
+
+
+_THINK_LEVELS = ("low", "medium", "high")
+
+
+def think_options(think: bool | str | None, reasoning_parser: str | None, chat_template: str | None,
+                  model: str) -> ThinkOptions:
+    """Ollama's `think`: true/false turn the template's thinking on or off (Qwen3's `enable_thinking`), a
+    level is also passed as `reasoning_effort` (gpt-oss); the thinking comes back in `thinking`, split by
+    --reasoning-parser, or by the qwen3 rules (only text inside <think>...</think>) for a model whose
+    template knows thinking. Raises ValueError (400) when the model cannot think, as Ollama does."""
+    if think is None:
+        return ThinkOptions(None, reasoning_parser, True)
+    if isinstance(think, str) and think not in _THINK_LEVELS:
+        raise SamplingParamsError("think", f"invalid think value: {think!r} (must be true, false, \"low\", "
+                                           f"\"medium\" or \"high\")")
+    template = chat_template or ""
+    can_think = reasoning_parser is not None or "<think>" in template or "enable_thinking" in template
+    if think is False:
+        return ThinkOptions({"enable_thinking": False}, reasoning_parser or ("qwen3" if can_think else None), False)
+    if not can_think:
+        raise SamplingParamsError("think", f'"{model}" does not support thinking')
+    kwargs: dict[str, Any] = {"enable_thinking": True}
+    if isinstance(think, str):
+        kwargs["reasoning_effort"] = think
+    return ThinkOptions(kwargs, reasoning_parser or "qwen3", True)
+
+
+def ollama_tool_call(call: Any, index: int) -> dict[str, Any]:
+    """A parsed call as Ollama's message.tool_calls item: the arguments as an object, not JSON text."""
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError:
+        arguments = {}
+    return {"function": {"index": index, "name": call.name, "arguments": arguments}}
+
+
+def sampling_params(options: dict[str, Any] | None, defaults: SamplingDefaults, stream: bool,
+                    default_num_predict: int | None = None) -> tuple[SamplingParams, int | None]:
+    """(SamplingParams, the request's num_ctx or None). Raises ValueError naming the bad option.
+
+    `default_num_predict`: the output cap when neither the request nor the model sets num_predict
+    (None: to the end of the context); num_predict -1 in either still means "to the end"."""
     given = _typed_options(options or {})
     request = {_OPTIONS[name][1]: value for name, value in given.items() if _OPTIONS[name][1] is not None}
-    values = defaults.resolve(request, OLLAMA_DEFAULTS)
+    values = defaults.resolve(request, {**OLLAMA_DEFAULTS, "max_tokens": default_num_predict})
     # Ollama's sentinels, whoever set them: num_predict <= 0 has no limit, a negative seed is random.
     if values.get("max_tokens") is not None and values["max_tokens"] <= 0:
         values["max_tokens"] = None

@@ -1,6 +1,6 @@
 """The Ollama API on the same port as the OpenAI one: /api/version (open), /api/chat and /api/generate,
 the model routes of ollama/models.py (/api/tags, /api/show, /api/ps) and ollama/manage.py (/api/pull,
-/api/create, /api/copy, /api/delete), all behind the API
+/api/create, /api/copy, /api/delete), the embedding routes of ollama/embed.py, all behind the API
 key when one is set.
 
 Requests run the same engine path as the OpenAI routes (a held ServedModel, AsyncEngine.add_request,
@@ -24,15 +24,19 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError, from_exception
 from pagedserve.server.ollama.models import find_model
+from pagedserve.server.ollama.embed import router as embed_router
 from pagedserve.server.ollama.manage import router as manage_router
 from pagedserve.server.ollama.models import router as models_router
-from pagedserve.server.ollama.protocol import ChatBody, GenerateBody, InferenceBody, done_fields, sampling_params, timestamp
+from pagedserve.server.ollama.protocol import (ChatBody, GenerateBody, InferenceBody, done_fields, ollama_tool_call,
+                                               sampling_params, think_options, timestamp)
 from pagedserve.server.api import read_body, server_state, verify_api_key
 from pagedserve.server.openai.protocol import random_id
-from pagedserve.server.reasoning import ReasoningParser
+from pagedserve.server.reasoning import ReasoningParser, grammar_after_reasoning
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import RequestTracker, ServerState
 from pagedserve.server.streaming import NDJSONResponse, collect_tracked
+from pagedserve.server.tool_parsers import ToolCallStream
+from pagedserve.server.tool_parsers.plan import GENERIC_PARSER, plan_tools
 
 # NOTE: the Ollama release whose API this follows; tools compare it before using newer features.
 OLLAMA_API_VERSION = "0.6.0"
@@ -41,6 +45,7 @@ open_router = APIRouter()
 router = APIRouter(dependencies=[Depends(verify_api_key)])
 router.include_router(models_router)
 router.include_router(manage_router)
+router.include_router(embed_router)
 
 
 @open_router.api_route("/api/version", methods=["GET", "HEAD"])
@@ -61,9 +66,21 @@ async def chat(request: Request) -> Response:
 
     async def answer_chat(waited: float) -> Response:
         client = model.engine
-        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream)
-        prompt = await client.render_chat(body.messages, ChatOptions(tools=body.tools))
-        run = _Run(random_id("chat"), body.model or body.name, start, waited, True, _parser(state, prompt.text))
+        params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
+        params = params.replace(structured_outputs=body.structured_outputs())
+        # Ollama reads tool calls out of every answer to a request with tools: tool_choice auto, always on.
+        tools = plan_tools(body.messages, body.tools, None, None, client.chat_template,
+                           state.server_config.tool_call_parser or GENERIC_PARSER, True, model.name)
+        thinking = think_options(body.think, state.server_config.reasoning_parser, client.chat_template,
+                                 body.model or body.name)
+        template_kwargs = {**state.server_config.chat_template_kwargs, **(thinking.template_kwargs or {})}
+        prompt = await client.render_chat(tools.messages, ChatOptions(tools=tools.template_tools,
+                                                                      chat_template_kwargs=template_kwargs))
+        params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
+        run = _Run(random_id("chat"), body.model or body.name, start, waited, True,
+                   _parser(thinking.reasoning_parser, prompt.text), show_thinking=thinking.show,
+                   tools=ToolCallStream(tools.new_parser()) if tools.new_parser is not None else None)
         return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
 
     return await state.respond(model, answer_chat, keep_alive)
@@ -83,10 +100,18 @@ async def generate(request: Request) -> Response:
         return await _load_or_unload(state, model, body, keep_alive, start)
 
     async def answer_generate(waited: float) -> Response:
-        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream)
-        prompt = await _generate_prompt(body, model)
+        params, num_ctx = sampling_params(body.options, model.engine.sampling_defaults, body.stream,
+                                          state.server_config.default_max_tokens or None)
+        params = params.replace(structured_outputs=body.structured_outputs())
+        thinking = think_options(body.think, state.server_config.reasoning_parser, model.engine.chat_template,
+                                 body.model or body.name)
+        prompt = await _generate_prompt(body, state, model, {**state.server_config.chat_template_kwargs,
+                                                             **(thinking.template_kwargs or {})})
+        if not body.raw:
+            params = grammar_after_reasoning(params, thinking.reasoning_parser, prompt.text)
         run = _Run(random_id("generate"), body.model or body.name, start, waited, False,
-                   None if body.raw else _parser(state, prompt.text), with_context=not body.raw)
+                   None if body.raw else _parser(thinking.reasoning_parser, prompt.text), with_context=not body.raw,
+                   show_thinking=thinking.show)
         return await _answer(state, request, model, run, prompt, params, num_ctx, body.stream)
 
     return await state.respond(model, answer_generate, keep_alive)
@@ -105,15 +130,24 @@ class _Run:
     is_chat: bool
     parser: ReasoningParser | None
     with_context: bool = False        # generate's `context`: the prompt and answer tokens
+    show_thinking: bool = True        # false with think: false (the thinking, if any, is not sent)
+    tools: ToolCallStream | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    num_sent_calls: int = 0
 
     def chunk(self, content: str, thinking: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {"model": self.model, "created_at": timestamp()}
+        thinking = thinking if self.show_thinking else None
         if self.is_chat:
             chunk["message"] = {"role": "assistant", "content": content}
             if thinking:
                 chunk["message"]["thinking"] = thinking
+            calls = self.tools.calls[self.num_sent_calls:] if self.tools is not None else []
+            if calls:
+                chunk["message"]["tool_calls"] = [ollama_tool_call(call, self.num_sent_calls + index)
+                                                  for index, call in enumerate(calls)]
+                self.num_sent_calls += len(calls)
         else:
             chunk["response"] = content
             if thinking:
@@ -145,7 +179,7 @@ async def _answer(state: ServerState, request: Request, model: ServedModel, run:
     state.log_finished(run.request_id, finals)
     completion = finals[0].outputs[0]
     run.output_token_ids = list(completion.token_ids)
-    thinking, content = _split(run.parser, completion.text, is_finished=True)
+    thinking, content = _split(run, completion.text, is_finished=True)
     return JSONResponse(run.last(finals[0], content, thinking))
 
 
@@ -155,22 +189,28 @@ async def _stream(run: _Run, engine_stream: Any, state: ServerState, tracker: Re
         async for output in engine_stream:
             completion = output.outputs[0]
             run.output_token_ids.extend(completion.token_ids)
-            thinking, content = _split(run.parser, completion.text, completion.is_finished)
-            if content or thinking:
+            num_calls = run.num_sent_calls
+            thinking, content = _split(run, completion.text, completion.is_finished)
+            has_new_calls = run.tools is not None and len(run.tools.calls) > num_calls
+            if content or (thinking and run.show_thinking) or has_new_calls:
                 yield _line(run.chunk(content, thinking))
         tracker.completed = True
         state.log_finished(run.request_id, [output])
         yield _line(run.last(output))
     except Exception as error:   # noqa: BLE001 - after the first line, errors can only travel as lines
+        tracker.fail(error)
         yield _line({"error": from_exception(error).message})
 
 
-def _split(parser: ReasoningParser | None, text: str, is_finished: bool) -> tuple[str, str]:
-    """(thinking, content) of a streamed piece."""
-    if parser is None:
-        return "", text
-    piece = parser.split(text, is_finished)
-    return piece.reasoning, piece.content
+def _split(run: _Run, text: str, is_finished: bool) -> tuple[str, str]:
+    """(thinking, content) of a streamed piece, with tool calls taken out of the content (into run.tools)."""
+    thinking, content = "", text
+    if run.parser is not None:
+        piece = run.parser.split(text, is_finished)
+        thinking, content = piece.reasoning, piece.content
+    if run.tools is not None:
+        content = run.tools.feed(content, is_finished).content
+    return thinking, content
 
 
 def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedModel,
@@ -185,9 +225,13 @@ def _fit_context(params: SamplingParams, num_prompt_tokens: int, model: ServedMo
     return params.replace(max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
 
 
-async def _generate_prompt(body: GenerateBody, model: ServedModel) -> ChatPrompt:
+async def _generate_prompt(body: GenerateBody, state: ServerState, model: ServedModel,
+                           template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
     """Raw: the prompt as is. Otherwise the prompt as a user message through the chat template (the
-    request's `template` if it gives one), after the system prompt and the model's opening messages."""
+    request's `template` if it gives one), after the system prompt and the model's opening messages.
+
+    A Go template (Ollama's kind: no arithmetic, loops only over the request's data) is always taken;
+    a Jinja one only with --trust-request-chat-template."""
     client = model.engine
     if body.raw:
         return ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
@@ -199,9 +243,12 @@ async def _generate_prompt(body: GenerateBody, model: ServedModel) -> ChatPrompt
     messages.append({"role": "user", "content": body.prompt})
     template = None
     if body.template:
+        if not is_go_template(body.template):
+            state.check_request_template(body.template, None)
         template = translate_go_template(body.template) if is_go_template(body.template) else body.template
     try:
-        prompt = await client.render_chat(messages, ChatOptions(chat_template=template, with_model_defaults=False))
+        prompt = await client.render_chat(messages, ChatOptions(chat_template=template, with_model_defaults=False,
+                                                                chat_template_kwargs=template_kwargs))
     except NoChatTemplateError:   # a base model: Ollama's default template is the bare prompt
         prompt = ChatPrompt(body.prompt, await client.tokenize(body.prompt, add_special_tokens=True))
     if body.context:
@@ -230,8 +277,7 @@ async def _load_or_unload(state: ServerState, model: ServedModel, body: Inferenc
     return await state.respond(model, loaded, keep_alive)
 
 
-def _parser(state: ServerState, prompt: str) -> ReasoningParser | None:
-    name = state.server_config.reasoning_parser
+def _parser(name: str | None, prompt: str) -> ReasoningParser | None:
     return ReasoningParser(name, prompt) if name else None
 
 

@@ -133,6 +133,7 @@ async def _stream_completions(run: _Completions, streams: list[Any], state: Serv
             yield sse(CompletionChunk(id=run.request_id, object="text_completion", created=run.created,
                                       model=run.model, choices=[], usage=usage))
     except Exception as error:   # noqa: BLE001 - after the first byte, errors can only travel as events
+        tracker.fail(error)
         yield sse_error(error)
     finally:
         await merged.aclose()

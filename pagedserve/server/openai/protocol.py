@@ -6,13 +6,14 @@ PARAMETER, or --override-generation-config), else OpenAI's.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError
+from pagedserve.sampling_params import OutputKind, SamplingParams, SamplingParamsError, StructuredOutputsParams
 from pagedserve.store.defaults import SamplingDefaults
 
 _INT64 = 2**63
@@ -31,8 +32,36 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    description: str | None = None
+    # OpenAI's name is `schema`; pydantic models may not own that attribute name, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None        # the grammar is always enforced, strict or not (as vLLM does)
+
+
 class ResponseFormat(OpenAIModel):
     type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
+    # vLLM's structural_tag response format (xgrammar's form, or {structures, triggers})
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise _invalid("response_format", "response_format json_schema needs json_schema.schema")
+            return StructuredOutputsParams(json=self.json_schema.json_schema)
+        if self.type == "structural_tag":
+            tag = self.model_dump(exclude_none=True, exclude={"json_schema"})
+            return StructuredOutputsParams(structural_tag=tag)
+        raise _invalid("response_format", f"unknown response_format type {self.type!r}; use text, json_object, "
+                                          "json_schema or structural_tag")
 
 
 class SamplingRequest(OpenAIModel):
@@ -60,7 +89,36 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's structured output: {json, regex, choice, grammar, json_object, structural_tag}, and its
+    # older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint of the request (response_format, structured_outputs or
+        guided_*); raises SamplingParamsError when it gives none valid or more than one."""
+        given: list[tuple[str, StructuredOutputsParams]] = []
+        if self.response_format is not None:
+            spec = self.response_format.structured_outputs()
+            if spec is not None:
+                given.append(("response_format", spec))
+        if self.structured_outputs:
+            fields = {k: v for k, v in self.structured_outputs.items() if v is not None and
+                      k not in ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")}
+            given.append(("structured_outputs", SamplingParams(structured_outputs=fields).structured_outputs))
+        legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        for kind, value in legacy.items():
+            if value is not None:
+                given.append((f"guided_{kind}", StructuredOutputsParams(**{kind: value})))
+        if len(given) > 1:
+            raise _invalid(given[1][0], f"give one structured output constraint, not "
+                                        f"{' and '.join(name for name, _ in given)}")
+        return given[0][1] if given else None
 
     def _sampling_params(self, defaults: SamplingDefaults, output_kind: OutputKind, max_tokens: int | None,
                          logprobs: int | None) -> SamplingParams:
@@ -76,16 +134,11 @@ class SamplingRequest(OpenAIModel):
             **values, n=self.n, logit_bias=_token_bias(self.logit_bias), min_tokens=self.min_tokens,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, output_kind=output_kind)
+            skip_special_tokens=self.skip_special_tokens, output_kind=output_kind,
+            structured_outputs=self.structured_outputs_params())
 
     def check_supported(self) -> None:
         """Raises ValueError for what this server accepts in the API but cannot do."""
-        kind = self.response_format.type if self.response_format is not None else "text"
-        if kind in ("json_object", "json_schema", "structural_tag"):
-            raise _invalid("response_format", f"response_format type {kind!r} is not supported yet; "
-                                              "only 'text' is")
-        if kind != "text":
-            raise _invalid("response_format", f"unknown response_format type {kind!r}")
         if self.stream_options is not None and not self.stream:
             raise _invalid("stream_options", "stream_options can only be given when stream is true")
 
@@ -108,6 +161,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True       # vLLM's: false leaves the reasoning out of the answer
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -132,9 +187,7 @@ class ChatCompletionRequest(SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
             raise _invalid("continue_final_message",
                            "continue_final_message and add_generation_prompt cannot both be true")
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            raise _invalid("tool_choice", "tool_choice 'required' or a named tool is not supported yet; "
-                                          "use 'auto' or 'none'")
+        check_roles(self.messages)
 
 
 class CompletionRequest(SamplingRequest):
@@ -283,6 +336,21 @@ def _token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     return biases
 
 
+# The roles OpenAI's chat API takes ("function" is its deprecated spelling of "tool").
+CHAT_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+
+
+def check_roles(messages: list[dict[str, Any]]) -> None:
+    """400 for a message whose role OpenAI would refuse, in its words and with its param."""
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role is None or role in CHAT_ROLES:
+            continue   # a message without a role gets its own error when rendered
+        quoted = ", ".join(f"'{name}'" for name in CHAT_ROLES[:-1]) + f", and '{CHAT_ROLES[-1]}'"
+        shown = f"'{role}'" if isinstance(role, str) else json.dumps(role)[:100]
+        raise _invalid(f"messages.[{index}].role", f"Invalid value: {shown}. Supported values are: {quoted}.")
+
+
 def _invalid(param: str, message: str) -> ValueError:
     return SamplingParamsError(param, message)
 
@@ -294,6 +362,7 @@ class DeltaMessage(OpenAIModel):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(OpenAIModel):

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, and vLLM's
-/tokenize and /detokenize. All of them sit behind the API key check."""
+"""The OpenAI-compatible routes: /v1/models (and /v1/models/{id}), /v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/responses, and vLLM's /tokenize and /detokenize. All of them sit behind the API key check."""
 from __future__ import annotations
 
 import time
@@ -14,8 +14,11 @@ from pagedserve.server.api import read_body, server_state, verify_api_key
 from pagedserve.server.errors import APIError
 from pagedserve.server.openai.chat import create_chat_completion
 from pagedserve.server.openai.completions import create_completion
+from pagedserve.server.openai.embeddings import EmbeddingRequest, create_embedding
+from pagedserve.server.openai.responses import ResponsesRequest, create_response
 from pagedserve.server.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                              LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
+                                               LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
+                                               check_roles)
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
@@ -29,19 +32,39 @@ async def list_models(request: Request) -> JSONResponse:
     for model in state.served_models:
         if model.max_model_len is None:
             await model.describe()   # not loaded yet: its context length from the checkpoint's header
-    cards = [{"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
-              "root": model.requested, "parent": None, "max_model_len": model.max_model_len,
-              "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
-                              "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                              "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                              "organization": "*", "group": None, "is_blocking": False}]}
-             for model in state.served_models for name in model.names]
+    cards = [_model_card(name, model, created) for model in state.served_models for name in model.names]
     # LoRA adapters as vLLM lists them: root = the adapter's folder, parent = the base model.
-    cards += [{"id": name, "object": "model", "created": created, "owned_by": "pagedserve", "root": path,
-               "parent": base or model.name, "max_model_len": model.max_model_len,
-               "permission": cards[0]["permission"] if cards else []}
-              for name, (model, path, base) in state.loras.items()]
+    cards += [_lora_card(name, model, path, base, created) for name, (model, path, base) in state.loras.items()]
     return JSONResponse({"object": "list", "data": cards})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+    """One model's card (the openai SDK's models.retrieve); an unknown id is OpenAI's 404."""
+    state = server_state(request)
+    model = state.lookup(model_id)
+    if model is None:
+        return JSONResponse({"error": {"message": f"The model '{model_id}' does not exist", "type": "invalid_request_error",
+                                       "param": "model", "code": "model_not_found"}}, status_code=HTTPStatus.NOT_FOUND)
+    if model.max_model_len is None:
+        await model.describe()
+    lora = state.loras.get(model_id)
+    if lora is not None:
+        return JSONResponse(_lora_card(model_id, *lora, int(time.time())))
+    return JSONResponse(_model_card(model_id, model, int(time.time())))
+
+
+def _model_card(name: str, model: ServedModel, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "pagedserve",
+            "root": model.requested, "parent": None, "max_model_len": model.max_model_len,
+            "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
+                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                            "organization": "*", "group": None, "is_blocking": False}]}
+
+
+def _lora_card(name: str, model: ServedModel, path: str, base: str | None, created: int) -> dict:
+    return {**_model_card(name, model, created), "root": path, "parent": base or model.name}
 
 
 @router.post("/v1/load_lora_adapter")
@@ -113,17 +136,35 @@ async def completions(request: Request) -> Response:
     return await state.respond(model, lambda _waited: create_completion(body, request, state, model))
 
 
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    state = server_state(request)
+    body = await read_body(request, EmbeddingRequest)
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: create_embedding(body, request, state, model))
+
+
+@router.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    state = server_state(request)
+    body = await read_body(request, ResponsesRequest)
+    model = find_model(state, body.model)
+    return await state.respond(model, lambda _waited: create_response(body, request, state, model))
+
+
 @router.post("/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     state = server_state(request)
     body = await read_body(request, TokenizeRequest)
     model = find_model(state, body.model)
-    return await state.respond(model, lambda _waited: _tokenize(body, model))
+    return await state.respond(model, lambda _waited: _tokenize(body, state, model))
 
 
-async def _tokenize(body: TokenizeRequest, model: ServedModel) -> JSONResponse:
+async def _tokenize(body: TokenizeRequest, state: ServerState, model: ServedModel) -> JSONResponse:
     client = model.engine
     if body.messages is not None:
+        check_roles(body.messages)
+        state.check_request_template(body.chat_template, body.chat_template_kwargs)
         # the template already has BOS, so special tokens are only added when asked for
         prompt = await client.render_chat(body.messages, ChatOptions(
             add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
