@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, LoRARequest, SamplingParams
+from pagedserve.config import EngineConfig
 from pagedserve.engine.lora import LoRAError
 from tests.parity import PROMPTS, hf_greedy
 
@@ -172,3 +173,11 @@ def test_adapter_on_a_packed_gguf_base_keeps_it_packed(smollm2_path, tmp_path, r
     prompt_ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:4]]   # as check_parity sends them
     base_outputs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=12))
     assert [o.outputs[0].token_ids for o in adapted] != [o.outputs[0].token_ids for o in base_outputs]
+
+
+@pytest.mark.parametrize("split", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_lora_with_more_than_one_rank_is_refused_at_start_up(split):
+    # adapters are loaded into the driver's model only: worker ranks would silently serve the base model
+    with pytest.raises(ValueError, match="--enable-lora needs tensor_parallel_size 1 and pipeline_parallel_size 1"):
+        EngineConfig(model="m", enable_lora=True, **split)
+    EngineConfig(model="m", **split)   # without LoRA the split is fine
