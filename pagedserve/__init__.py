@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 # NOTE: resolved on first use, so importing the torch-free core (scheduler, block manager) stays cheap.
 _PUBLIC = {
     "LLM": "pagedserve.engine.llm",
+    "LoRARequest": "pagedserve.engine.lora",
     "LLMEngine": "pagedserve.engine.llm_engine",
     "SamplingParams": "pagedserve.sampling_params",
     "RequestOutput": "pagedserve.outputs",

@@ -40,15 +40,16 @@ def hf_greedy(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple
 
 
 def check_parity(llm: LLM, hf_model, tokenizer, atol: float, prompts: list[str] = PROMPTS,
-                 max_tokens: int = MAX_TOKENS, cached_rerun: bool = False) -> None:
-    """All prompts through `llm` at once; each token and prompt logprob must match `hf_model` on its own.
+                 max_tokens: int = MAX_TOKENS, lora_request=None, cached_rerun: bool = False) -> list:
+    """All prompts through `llm` at once (under `lora_request`'s adapter, if given); each token and prompt
+    logprob must match `hf_model` on its own. Returns the outputs.
 
     With `cached_rerun` the batch runs again without prompt logprobs (which bypass the prefix cache), so
     its prompts' blocks come from the cache: the tokens must still be transformers'."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=1, logprobs=0)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     expected = [hf_greedy(hf_model, tokenizer, ids, max_tokens) for ids in prompt_ids]
-    outputs = llm.generate(prompt_ids, params)
+    outputs = llm.generate(prompt_ids, params, lora_request=lora_request)
     for ids, output, (expected_tokens, expected_logprobs) in zip(prompt_ids, outputs, expected):
         assert output.outputs[0].token_ids == expected_tokens, f"prompt {tokenizer.decode(ids)!r}"
         assert output.prompt_logprobs[0] is None
@@ -60,7 +61,9 @@ def check_parity(llm: LLM, hf_model, tokenizer, atol: float, prompts: list[str] 
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
     if cached_rerun:
         hits_before = llm.engine.block_manager.num_prefix_hits
-        outputs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=max_tokens))
-        assert [output.outputs[0].token_ids for output in outputs] == [tokens for tokens, _ in expected]
+        rerun = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=max_tokens),
+                             lora_request=lora_request)
+        assert [output.outputs[0].token_ids for output in rerun] == [tokens for tokens, _ in expected]
         assert llm.engine.block_manager.num_prefix_hits > hits_before
         assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    return outputs

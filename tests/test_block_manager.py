@@ -128,3 +128,15 @@ def test_double_free_is_caught():
     seq.block_ids = ids
     with pytest.raises(AssertionError):
         manager.free(seq)
+
+
+def test_blocks_are_never_shared_across_lora_adapters():
+    manager = BlockManager(num_blocks=16, block_size=4)
+    base = Sequence("base", list(range(9)), SamplingParams(), max_tokens=4)
+    compute(manager, base, 9)
+    for key in (1, 2):
+        adapted = Sequence(f"lora{key}", list(range(9)), SamplingParams(), max_tokens=4, lora_key=key)
+        assert manager.find_cached_prefix(adapted) == []
+        compute(manager, adapted, 9)
+    again = Sequence("again", list(range(9)), SamplingParams(), max_tokens=4, lora_key=2)
+    assert len(manager.find_cached_prefix(again)) == 2

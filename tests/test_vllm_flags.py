@@ -18,7 +18,10 @@ DATA = Path(__file__).parent / "data"
 RECORDED = json.loads((DATA / "vllm-0.32.0-serve-flags.json").read_text())["flags"]
 # Flags whose value must be valid for pagedserve too, or that need a companion to be valid.
 # vLLM refuses --enable-auto-tool-choice without a parser too
-COMPANIONS = {"--ssl-keyfile": ["--ssl-certfile", "cert.pem"], "--enable-auto-tool-choice": ["--tool-call-parser", "hermes"]}
+COMPANIONS = {"--ssl-keyfile": ["--ssl-certfile", "cert.pem"], "--enable-auto-tool-choice": ["--tool-call-parser", "hermes"],
+              "--lora-modules": ["--enable-lora"],
+              # our safe default (not vLLM's): credentials only with an explicit --allowed-origins list
+              "--allow-credentials": ["--allowed-origins", "https://chat.example.com"]}
 # The recorded example is a placeholder; the flag takes a JSON object
 EXAMPLES = {"--default-chat-template-kwargs": '{"enable_thinking": false}'}
 
@@ -59,12 +62,14 @@ def test_every_vllm_serve_flag_parses(entry, tmp_path, caplog):
 
 def test_an_accepted_flag_logs_one_line_saying_why(caplog):
     with caplog.at_level(logging.INFO, logger="pagedserve"):
-        serve_configs(["serve", "--enable-lora", "--max-loras", "4", "-dp", "2", "--speculative-config",
-                       '{"method": "ngram"}', "--lora-modules", "a=/x", "b=/y"], {})
+        serve_configs(["serve", "--fully-sharded-loras", "--max-cpu-loras", "4", "-dp", "2", "--speculative-config",
+                       '{"method": "ngram"}', "--lora-target-modules", "q_proj", "v_proj"], {})
     messages = [record.getMessage() for record in caplog.records]
     assert sorted(message.split(" ")[0] for message in messages) == [
-        "--data-parallel-size", "--enable-lora", "--lora-modules", "--max-loras", "--speculative-config"]
-    assert "--enable-lora has no effect here: LoRA adapters are not supported" in messages
+        "--data-parallel-size", "--fully-sharded-loras", "--lora-target-modules", "--max-cpu-loras",
+        "--speculative-config"]
+    assert any(message.startswith("--fully-sharded-loras has no effect here: LoRA tuning for GPUs")
+               for message in messages)
 
 
 def test_help_lists_the_accepted_flags_in_their_own_sections():
@@ -72,11 +77,12 @@ def test_help_lists_the_accepted_flags_in_their_own_sections():
                             timeout=120)
     assert result.returncode == 0
     accepted = result.stdout[result.stdout.index("accepted vLLM flags, no effect here"):]
-    for flag in ("--swap-space", "--enable-lora", "--data-parallel-size", "--speculative-config", "--hf-token"):
+    for flag in ("--swap-space", "--fully-sharded-loras", "--data-parallel-size", "--speculative-config", "--hf-token"):
         assert flag in accepted
-    assert "LoRA adapters are not supported" in accepted
+    assert "LoRA tuning for GPUs" in accepted
     engine_and_server = result.stdout[:result.stdout.index("accepted vLLM flags")]
-    assert "--max-model-len" in engine_and_server and "--enable-lora" not in engine_and_server
+    assert "--max-model-len" in engine_and_server and "--enable-lora" in engine_and_server
+    assert "--enable-lora" not in accepted and "--fully-sharded-loras" not in engine_and_server
 
 
 def test_vllm_spellings_of_real_flags():

@@ -50,11 +50,12 @@ VLLM_ACCEPTED_GROUPS: tuple[AcceptedGroup, ...] = (
                "optimization-level performance-mode",
         lists="cudagraph-capture-sizes"),
     AcceptedGroup(
-        "LoRA adapters are not supported",
-        switches="enable-lora enable-tower-connector-lora fully-sharded-loras specialize-active-lora "
+        "LoRA tuning for GPUs and multimodal/MoE LoRA (adapters are served in the model's dtype, every "
+        "loaded adapter stays resident)",
+        switches="enable-tower-connector-lora fully-sharded-loras specialize-active-lora "
                  "enable-mixed-moe-lora-format enable-moe-shared-loras",
-        values="max-loras max-lora-rank lora-dtype max-cpu-loras default-mm-loras max-lora-cls-labels",
-        lists="lora-modules lora-target-modules"),
+        values="lora-dtype max-cpu-loras default-mm-loras max-lora-cls-labels",
+        lists="lora-target-modules"),
     AcceptedGroup(
         "the models here take text only: no images, audio or video",
         switches="language-model-only enable-mm-embeds mm-encoder-only interleave-mm-strings skip-mm-profiling "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,12 @@ class EngineConfig:
                                                            "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
+    enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters (PEFT folders) beside the model"})
+    max_loras: int = field(default=1, metadata={"help": "most LoRA adapters loaded at once"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank accepted"})
+    lora_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "LoRA adapters served at start-up, each name=path or vLLM's JSON "
+                "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; needs --enable-lora"})
     runner: str = field(default="auto", metadata={
         "choices": RUNNER_CHOICES,
         "help": "generate text, or pool prompts into embeddings (/v1/embeddings, /api/embed); auto: pooling for "
@@ -114,6 +121,11 @@ class EngineConfig:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
         if self.cpu_threads_bind is not None:
             bound_cpus(self.cpu_threads_bind)   # raises ValueError naming a bad list
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be positive")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        self.lora_adapters()   # raises ValueError naming a bad entry
         for name, value, choices in (("runner", self.runner, RUNNER_CHOICES), ("convert", self.convert, CONVERT_CHOICES),
                                      ("task", self.task, TASK_CHOICES)):
             if value not in choices:
@@ -121,6 +133,10 @@ class EngineConfig:
         self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.enable_lora and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            # NOTE: adapters are loaded into the driver's model only; the worker ranks would run without them
+            raise ValueError("--enable-lora needs tensor_parallel_size 1 and pipeline_parallel_size 1: LoRA "
+                             "adapters are not split across ranks here")
         if self.distributed_executor_backend is not None and self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                              f"got {self.distributed_executor_backend!r}")
@@ -136,6 +152,24 @@ class EngineConfig:
         if implied is not None and self.runner not in ("auto", implied):
             raise ValueError(f"--runner {self.runner} contradicts --task {self.task} / --convert {self.convert}")
         return implied or self.runner
+
+    def lora_adapters(self) -> list[tuple[str, str, str | None]]:
+        """--lora-modules as (name, path, base_model_name): `name=path` or vLLM's JSON form."""
+        adapters = []
+        for entry in self.lora_modules:
+            text = entry.strip()
+            if text.startswith("{"):
+                try:
+                    spec = json.loads(text)
+                    adapters.append((str(spec["name"]), str(spec["path"]), spec.get("base_model_name")))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"--lora-modules {entry!r}: the JSON form needs \"name\" and \"path\"") from None
+                continue
+            name, sep, path = text.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {entry!r}: expected name=path or a JSON object")
+            adapters.append((name, path, None))
+        return adapters
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -100,6 +100,9 @@ class ServerConfig:
         default=True, metadata={"help": "serve the web chat at / to browsers; with --no-webui, GET / only answers "
                                         "'Ollama is running', as it does for other clients", "aliases": ("--webui",)})
 
+    allow_runtime_lora_updating: bool = field(default=False, metadata={
+        "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)"})
+
     @property
     def chat_template_kwargs(self) -> dict[str, Any]:
         """--default-chat-template-kwargs as a mapping ({} when not given)."""

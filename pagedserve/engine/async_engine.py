@@ -14,12 +14,13 @@ and a supervisor restart it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from pagedserve.executor import RankFailedError
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine
@@ -95,6 +96,14 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Call:
+    """Run `function(engine)` on the loop thread (the only one that may touch the engine)."""
+
+    function: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
 class RequestStream:
     """Async iterator over one request's outputs. Call `abort()` if you stop before it finishes."""
 
@@ -132,7 +141,7 @@ class AsyncEngine:
         self._on_dead = on_dead
         self._max_queue_time = max_queue_time
         self._on_reject = on_reject
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}
         self._stopping = threading.Event()
         # NOTE: held while a request enters the inbox and while the dying loop empties it, so no
@@ -170,6 +179,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    async def call(self, function: Callable[[LLMEngine], Any]) -> Any:
+        """`function(engine)` between steps, on the loop thread; its result or its exception."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._inbox_lock:
+            if not self.is_running:
+                raise EngineDeadError("the engine is not running")
+            self._inbox.put(_Call(function, future))
+        return await asyncio.wrap_future(future)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         self._inbox.put(None)
@@ -186,6 +204,7 @@ class AsyncEngine:
         finally:
             self.engine.shutdown()   # the worker ranks, if any, end with the loop
         self._fail_all(EngineDeadError("the server is shutting down"))
+        self._fail_pending(EngineDeadError("the server is shutting down"))
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -233,23 +252,30 @@ class AsyncEngine:
                 request.put(RequestFailedError("the engine failed while making this request's output", error))
 
     def _die(self, error: BaseException) -> None:
+        # a rank failure is the server's fault but names no internals: clients may see which rank
+        dead = EngineDeadError(f"the engine has stopped: {error}" if isinstance(error, RankFailedError)
+                               else "the engine has stopped")
         with self._inbox_lock:
             self.death = error
-            # a rank failure is the server's fault but names no internals: clients may see which rank
-            dead = EngineDeadError(f"the engine has stopped: {error}" if isinstance(error, RankFailedError)
-                                   else "the engine has stopped")
-            while True:
-                try:
-                    command = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(command, _Add):
-                    command.put(dead)
+        self._fail_pending(dead)
         for request in self._streams.values():
             request.put(dead)
         self._streams.clear()
         if self._on_dead is not None:
             self._on_dead(error)
+
+    def _fail_pending(self, error: EngineDeadError) -> None:
+        """Requests and calls queued as the loop stopped get an answer, not a wait forever."""
+        with self._inbox_lock:
+            while True:
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, _Call):
+                    command.future.set_exception(error)
+                elif isinstance(command, _Add):
+                    command.put(error)
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         if self._on_step is not None:
@@ -264,8 +290,14 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _apply(self, command: _Add | _Abort | None) -> None:
+    def _apply(self, command: _Add | _Abort | _Call | None) -> None:
         if command is None:
+            return
+        if isinstance(command, _Call):
+            try:
+                command.future.set_result(command.function(self.engine))
+            except Exception as error:   # the caller's to answer (e.g. a bad adapter: a 4xx)
+                command.future.set_exception(error)
             return
         if isinstance(command, _Abort):
             self._streams.pop(command.request_id, None)

@@ -26,6 +26,17 @@ class Block:
     token_ids: tuple[int, ...] | None = None
 
 
+def chain_root(lora_key: int) -> bytes | None:
+    """The parent of a sequence's first block: none for the base model, the LoRA adapter's own otherwise.
+
+    So the chain, and every block in it, is never shared across adapters: the same tokens have
+    different K/V under each.
+    """
+    if not lora_key:
+        return None
+    return hashlib.blake2b(b"lora" + array("q", [lora_key]).tobytes(), digest_size=16).digest()
+
+
 def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     """Chained hash of one full block: depends on the block's tokens and on all blocks before it."""
     digest = hashlib.blake2b(digest_size=16)
@@ -163,5 +174,5 @@ class BlockManager:
 
     def _hash_full_blocks(self, seq: Sequence, num_blocks: int) -> None:
         for index in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[index - 1] if index else None
+            parent = seq.block_hashes[index - 1] if index else chain_root(seq.lora_key)
             seq.block_hashes.append(hash_block(parent, self._block_tokens(seq, index)))

@@ -19,6 +19,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import (AsyncEngine, DeathHook, EngineOverloadedError, QueueLimits,
                                             RejectHook, RequestStream, StepHook)
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
+from pagedserve.engine.lora import LoadedAdapter
 from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
@@ -110,10 +111,10 @@ class EngineClient:
     # ---- running requests -----------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       add_special_tokens: bool = True) -> RequestStream:
-        """Check and queue one request; its outputs arrive on the returned stream. Raises ValueError
-        (nothing queued) for a request the model cannot serve, EngineOverloadedError when as many
-        requests wait already as the queue limits allow."""
+                       add_special_tokens: bool = True, lora_name: str | None = None) -> RequestStream:
+        """Check and queue one request (`lora_name`: served by that loaded adapter); its outputs arrive on
+        the returned stream. Raises ValueError (nothing queued) for a request the model cannot serve,
+        EngineOverloadedError when as many requests wait already as the queue limits allow."""
         request_id = request_id or f"req-{next(self._ids)}"
         if self._max_waiting is not None and self.num_waiting >= self._max_waiting:
             if self._on_reject is not None:
@@ -123,7 +124,7 @@ class EngineClient:
         self._num_preparing += 1
         try:
             request = await self._run(self._processor.process, request_id, prompt, params, add_special_tokens,
-                                      None, False)
+                                      None, False, lora_name)
             if params.structured_outputs is not None:
                 grammar = await self._processor.grammars.compile_async(params.structured_outputs)
                 request = dataclasses.replace(request, grammar=grammar)
@@ -144,6 +145,18 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         self._core.abort(request_id)
+
+    # ---- LoRA adapters (applied between steps) --------------------------------------------------
+
+    async def add_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Raises LoRAError (a ValueError; nothing loaded) for a bad adapter or a full set of slots."""
+        return await self._core.call(lambda engine: engine.add_lora(name, path))
+
+    async def remove_lora(self, name: str) -> None:
+        await self._core.call(lambda engine: engine.remove_lora(name))
+
+    async def list_loras(self) -> list[LoadedAdapter]:
+        return await self._core.call(lambda engine: engine.list_loras())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""

@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.config import DEFAULT_MODEL, EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.lora import LoRAError, LoRARequest
 from pagedserve.engine.processor import ChatOptions, InputProcessor
 from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -39,21 +40,39 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False,
+                 lora_request: LoRARequest | SequenceOf[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt; each is
+        loaded on first use, as vLLM's LLM does."""
         prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
             else list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _params_per_prompt(sampling_params, len(prompt_list))
+        loras = list(lora_request) if isinstance(lora_request, SequenceOf) else [lora_request] * len(prompt_list)
+        if len(loras) != len(prompt_list):
+            raise ValueError(f"got {len(loras)} lora requests for {len(prompt_list)} prompts")
+        for lora in loras:
+            if lora is not None:
+                self._ensure_lora(lora)
         # NOTE: every prompt is checked before any is queued, so a bad one leaves nothing behind.
         requests = []
-        for prompt, params in zip(prompt_list, params_list):
+        for prompt, params, lora in zip(prompt_list, params_list, loras):
             requests.append(self.processor.process(str(self._next_id), prompt,
-                                                   params.replace(output_kind=OutputKind.FINAL_ONLY)))
+                                                   params.replace(output_kind=OutputKind.FINAL_ONLY),
+                                                   lora_name=lora.lora_name if lora is not None else None))
             self._next_id += 1
         for request in requests:
             self.engine.add_request(request)
         return self._run([request.request_id for request in requests], use_tqdm)
+
+    def _ensure_lora(self, lora: LoRARequest) -> None:
+        loaded = {adapter.name: adapter for adapter in self.engine.list_loras()}
+        adapter = loaded.get(lora.lora_name)
+        if adapter is None:
+            self.engine.add_lora(lora.lora_name, lora.lora_path)
+        elif adapter.path != lora.lora_path:
+            raise LoRAError(f"a different adapter is loaded as '{lora.lora_name}' ({adapter.path})")
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None, *,

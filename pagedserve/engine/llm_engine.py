@@ -11,6 +11,7 @@ from pagedserve.config import EngineConfig, ModelConfig, token_ids
 from pagedserve.config.pooler import PoolerConfig, resolve_pooler_config
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.lora import LoadedAdapter, LoRAError, LoRAManager
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.engine.platform import Platform
 from pagedserve.engine.processor import EngineRequest
@@ -112,7 +113,14 @@ class LLMEngine:
         self.executor: Executor = make_executor(platform_config, checkpoint, is_quantized, self.pooler_config)
         self.platform: Platform = self.executor.platform
         self.runner: ModelRunner = self.executor.driver
+        self.lora: LoRAManager | None = None
         try:
+            if config.enable_lora:
+                # NOTE: adapters live on the driver's model only; config refuses LoRA with more than one rank.
+                self.lora = LoRAManager(self.runner.model, config.max_loras, config.max_lora_rank,
+                                        self.platform.dtype, self.platform.device)
+                for name, path, _base in config.lora_adapters():
+                    self.lora.add(name, path)
             self.max_model_len = self._resolve_max_model_len()
             num_blocks = self._resolve_num_blocks()
             self.executor.allocate_kv_cache(num_blocks, config.block_size)
@@ -161,12 +169,15 @@ class LLMEngine:
         if request.pooling is not None:
             self._add_pooling_request(request, request.pooling)
             return
+        adapter = self._adapter(request.lora_name)
         backend = self.tokenizer.backend_tokenizer
         seqs, detokenizers = [], []
         for index in range(params.n):
             seq_params = params if index == 0 or params.seed is None else params.replace(seed=params.seed + index)
             seqs.append(Sequence(request_id, prompt_token_ids, seq_params, request.max_tokens, self.eos_token_ids,
-                                 index=index, arrival_time=request.arrival_time))
+                                 index=index, arrival_time=request.arrival_time,
+                                 lora_slot=adapter.slot if adapter else 0,
+                                 lora_key=adapter.cache_key if adapter else 0))
             detokenizers.append(IncrementalDetokenizer(backend, prompt_token_ids, seq_params))
         seqs[0].pending_forks = seqs[1:]
         if request.grammar is not None:
@@ -186,6 +197,33 @@ class LLMEngine:
             request.request_id, request.prompt, request.prompt_token_ids, request.params, [seq], [],
             RequestMetrics(request.arrival_time), None, [0], pooling)
         self.scheduler.add(seq)
+
+    # ---- LoRA adapters --------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Load a PEFT adapter folder under `name`; raises LoRAError (nothing loaded) if it cannot be."""
+        if self.lora is None:
+            raise LoRAError("LoRA adapters need --enable-lora")
+        return self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while requests still use it."""
+        if self.lora is None:
+            raise LoRAError("LoRA adapters need --enable-lora")
+        adapter = self.lora.get(name)
+        if any(seq.lora_slot == adapter.slot for request in self._requests.values() for seq in request.seqs):
+            raise LoRAError(f"the lora adapter '{name}' is serving requests; unload it when they finish")
+        self.lora.remove(name)
+
+    def list_loras(self) -> list[LoadedAdapter]:
+        return list(self.lora.adapters.values()) if self.lora is not None else []
+
+    def _adapter(self, name: str | None) -> LoadedAdapter | None:
+        if name is None:
+            return None
+        if self.lora is None:
+            raise LoRAError("LoRA adapters need --enable-lora")
+        return self.lora.get(name)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now; their KV blocks return to the pool at once."""

@@ -19,6 +19,7 @@ from pagedserve.engine.scheduler import ScheduledSequence, SchedulerOutput
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.forward_context import AttentionMetadata, ForwardContext, PrefillChunk, forward_context
 from pagedserve.layers.linear import PackableWeight
+from pagedserve.layers.lora import LoRABatch
 from pagedserve.layers.mla_attention import MLAAttention
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
@@ -48,6 +49,7 @@ class ChunkPlan:
     block_ids: tuple[int, ...]       # the sequence's block table
     is_sampling: bool
     num_prompt_logprob_rows: int     # rows whose logits give prompt logprobs (0: none asked)
+    lora_slot: int = 0               # the LoRA adapter's slot serving it, 0 = the base model
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def plan_step(scheduler_output: SchedulerOutput) -> StepPlan:
         if seq.params.prompt_logprobs is not None and not seq.is_prefill_done:
             num_prompt_rows = max(0, min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1) - item.start)
         chunks.append(ChunkPlan(seq.seq_id, item.start, tuple(seq.token_ids[item.start:item.start + item.num_new_tokens]),
-                                tuple(seq.block_ids), item.is_sampling, num_prompt_rows))
+                                tuple(seq.block_ids), item.is_sampling, num_prompt_rows, seq.lora_slot))
     return StepPlan(tuple(chunks), scheduler_output.finished_seq_ids)
 
 
@@ -208,7 +210,7 @@ class ModelRunner:
         """First pipeline stage: run its layers and hand the result on without waiting, so the next batch
         can start here while later stages work on this one."""
         inputs = self._prepare_inputs(plan)
-        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels, _lora_batch(plan, self.device))):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [2, num_tokens, hidden_size]
         return StartedStep(plan, inputs.metadata, hidden_states, self.parallel.isend_to_next(hidden_states))
 
@@ -235,7 +237,8 @@ class ModelRunner:
         if not stage.is_first:
             received = self.parallel.recv_from_previous((2, plan.num_tokens, hidden_size), self.dtype)
         # NOTE: the context spans the logits too: the output head is one of this model's (packed) layers.
-        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels, received)):
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels, _lora_batch(plan, self.device),
+                                            pipeline_inputs=received)):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden_size]
             if stage.size > 1:
                 # the last stage hands its final hidden states back to the first, which holds the output head
@@ -310,6 +313,20 @@ class ModelRunner:
         )
         return _StepInputs(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                            positions_t.to(self.device), metadata)
+
+
+def _lora_batch(plan: StepPlan, device: torch.device) -> LoRABatch | None:
+    """The token rows of each adapter this step, or None when every row runs the base model."""
+    rows_of: dict[int, list[int]] = {}
+    query_start = 0
+    for chunk in plan.chunks:
+        if chunk.lora_slot:
+            rows_of.setdefault(chunk.lora_slot, []).extend(range(query_start, query_start + len(chunk.token_ids)))
+        query_start += len(chunk.token_ids)
+    if not rows_of:
+        return None
+    return LoRABatch(tuple((slot, torch.tensor(rows, dtype=torch.long, device=device))
+                           for slot, rows in sorted(rows_of.items())))
 
 
 def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:

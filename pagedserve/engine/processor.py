@@ -40,6 +40,7 @@ class EngineRequest:
     grammar: Any = None              # xgrammar.CompiledGrammar of params.structured_outputs, compiled
     grammar_starts_after: tuple[int, ...] = ()   # tokens of structured_outputs.starts_after
     pooling: PoolingParams | None = None     # an embedding request: the prompt is pooled, nothing generated
+    lora_name: str | None = None     # the LoRA adapter serving it (loaded in the engine), None = base model
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 add_special_tokens: bool = True, arrival_time: float | None = None,
-                wait_for_grammar: bool = True) -> EngineRequest:
+                wait_for_grammar: bool = True, lora_name: str | None = None) -> EngineRequest:
         """Tokenize and check one request; raises ValueError (naming the field as `param` where there is
         one) for anything the engine could not serve.
 
@@ -198,7 +199,7 @@ class InputProcessor:
                 starts_after = tuple(self.tokenize(spec.starts_after, add_special_tokens=False))
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, prompt_token_ids, params,
                              max_tokens, time.time() if arrival_time is None else arrival_time, grammar,
-                             starts_after)
+                             starts_after, lora_name=lora_name)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the model; returns its resolved max_tokens."""

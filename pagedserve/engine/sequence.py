@@ -46,6 +46,8 @@ class Sequence:
     # n > 1: siblings that start from this sequence's prompt KV once it is computed.
     pending_forks: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    lora_slot: int = 0                   # the LoRA adapter's slot in the model, 0 = the base model
+    lora_key: int = 0                    # unique per loaded adapter: enters the prefix cache's hashes
     # An embedding request: its prompt is pooled once computed, then it ends (nothing is generated).
     is_pooling: bool = False
     # Sampler results, appended by the engine.

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from pagedserve.layers.lora import LoRABatch
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -80,6 +82,8 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     # The owning model's choice (Platform.use_cpu_kernels): the C++ kernels, or plain torch ops.
     use_cpu_kernels: bool
+    # Rows served by LoRA adapters this step; None when every row runs the base model.
+    lora: LoRABatch | None = None
     # Pipeline parallel, on a stage after the first: the previous stage's hidden states and residual,
     # [2, num_tokens, hidden_size].
     pipeline_inputs: torch.Tensor | None = None

@@ -15,6 +15,7 @@ from torch import nn
 from pagedserve.distributed import current_model_parallel
 from pagedserve.layers import ops
 from pagedserve.layers.forward_context import get_forward_context
+from pagedserve.layers.lora import LoRAPair, apply_lora
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.layers.weight_loader import set_weight_loader
 
@@ -120,6 +121,8 @@ class Linear(PackableWeight):
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = set_weight_loader(nn.Parameter(torch.zeros(out_features), requires_grad=False), self._load_bias)
+        # LoRA adapters on this layer, by slot (engine/lora.py fills it); plain tensors, not parameters.
+        self.lora_pairs: dict[int, list[LoRAPair]] = {}
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         rows = self._rows(shard_id)
@@ -128,7 +131,14 @@ class Linear(PackableWeight):
         param.data[rows].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return self.add_lora(x, self.matmul(x, self.bias))
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus this step's LoRA deltas of x (subclasses that override forward call it too)."""
+        lora = get_forward_context().lora
+        if lora is not None and self.lora_pairs:
+            y = apply_lora(x, y, self.lora_pairs, lora)
+        return y
 
 
 class VocabEmbedding(PackableWeight):

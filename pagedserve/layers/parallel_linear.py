@@ -136,7 +136,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return self.matmul(x, self.bias)
+            return self.add_lora(x, self.matmul(x, self.bias))
+        # (no LoRA here: the engine refuses adapters with tensor parallel > 1)
         out = self.tp.all_reduce(self.matmul(x, None))          # [num_tokens, out_features]
         return out if self.bias is None else out + self.bias
 

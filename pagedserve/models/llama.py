@@ -91,7 +91,8 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
     def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         context = get_forward_context()
-        if self.fused_decode is not None and context.use_cpu_kernels and context.attn_metadata.is_decode_only:
+        if self.fused_decode is not None and context.use_cpu_kernels and context.attn_metadata.is_decode_only \
+                and context.lora is None:   # the fused C++ layer knows no adapters
             return self.fused_decode(cos_sin, hidden_states, residual, self.self_attn.attn)
         return super().forward(cos_sin, hidden_states, residual)
 

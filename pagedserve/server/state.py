@@ -46,6 +46,10 @@ class ServerState:
                                    [engine_config.model] if model_names is None else list(model_names),
                                    self._engine_died)
         self.engine_error: BaseException | None = None   # an engine loop died: the server exits non-zero
+        # LoRA adapter name -> (the model it adapts, its folder, the base name /v1/models shows as parent);
+        # --lora-modules are loaded by the first model's engine, as vLLM serves one model.
+        self.loras: dict[str, tuple[ServedModel, str, str | None]] = {
+            name: (self.served_models[0], path, base) for name, path, base in engine_config.lora_adapters()}
         self.is_draining = False
         self.num_in_flight = 0
         self._on_fatal = on_fatal
@@ -65,7 +69,13 @@ class ServerState:
         """The model a request names (also as `name:latest`); no name: the first one."""
         if name is None:
             return self.served_models[0]
+        if name in self.loras:
+            return self.loras[name][0]
         return self.models.get(name) or self.models.get(name.removesuffix(":latest"))
+
+    def lora_name(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's model name selects, or None for a base model."""
+        return name if name is not None and name in self.loras and name not in self.models else None
 
     # ---- models added and removed while serving (Ollama's /api/pull, /api/create, /api/copy, /api/delete)
 

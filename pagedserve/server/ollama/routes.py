@@ -168,7 +168,8 @@ async def _answer(state: ServerState, request: Request, model: ServedModel, run:
     params = _fit_context(params, len(prompt.token_ids), model, num_ctx)
     run.prompt_token_ids = prompt.token_ids
     state.log_received(run.request_id, prompt.text, params)
-    engine_stream = await model.engine.generate(prompt.token_ids, params, run.request_id)
+    engine_stream = await model.engine.generate(prompt.token_ids, params, run.request_id,
+                                                lora_name=state.lora_name(run.model))   # a LoRA adapter's name
     tracker = state.track(model, [engine_stream])
     if stream:
         return NDJSONResponse(_stream(run, engine_stream, state, tracker), on_close=tracker.close)

@@ -65,7 +65,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                  len(prompt.token_ids), config.response_role, config.reasoning_parser, tools,
                  _echo_text(body, config.response_role))
     state.log_received(chat.request_id, prompt.text, params)
-    stream = await client.generate(prompt.token_ids, params, chat.request_id)
+    stream = await client.generate(prompt.token_ids, params, chat.request_id, lora_name=state.lora_name(body.model))
     tracker = state.track(model, [stream])
     if body.stream:
         return EventStreamResponse(_stream_chat(chat, stream, state, tracker), on_close=tracker.close)

@@ -55,7 +55,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
         for index, prompt in enumerate(prompts):
             request_id = f"{run.request_id}-{index}"
             state.log_received(request_id, prompt, params)
-            streams.append(await client.generate(prompt, params, request_id, add_special_tokens=body.add_special_tokens))
+            streams.append(await client.generate(prompt, params, request_id, add_special_tokens=body.add_special_tokens,
+                                                 lora_name=state.lora_name(body.model)))
     except BaseException:
         for stream in streams:
             stream.abort()

@@ -225,6 +225,20 @@ class CompletionRequest(SamplingRequest):
         return list(prompt)
 
 
+class LoadLoRAAdapterRequest(OpenAIModel):
+    """vLLM's /v1/load_lora_adapter."""
+
+    lora_name: str = ""
+    lora_path: str = ""
+
+
+class UnloadLoRAAdapterRequest(OpenAIModel):
+    """vLLM's /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class TokenizeRequest(OpenAIModel):
     """vLLM's /tokenize: a completion `prompt` or chat `messages`."""
 

@@ -6,8 +6,9 @@ import time
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from pagedserve.engine.lora import LoRAError
 from pagedserve.engine.processor import ChatOptions
 from pagedserve.server.api import read_body, server_state, verify_api_key
 from pagedserve.server.errors import APIError
@@ -16,7 +17,8 @@ from pagedserve.server.openai.completions import create_completion
 from pagedserve.server.openai.embeddings import EmbeddingRequest, create_embedding
 from pagedserve.server.openai.responses import ResponsesRequest, create_response
 from pagedserve.server.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                               TokenizeRequest, check_roles)
+                                               LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
+                                               check_roles)
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.state import ServerState
 
@@ -31,6 +33,8 @@ async def list_models(request: Request) -> JSONResponse:
         if model.max_model_len is None:
             await model.describe()   # not loaded yet: its context length from the checkpoint's header
     cards = [_model_card(name, model, created) for model in state.served_models for name in model.names]
+    # LoRA adapters as vLLM lists them: root = the adapter's folder, parent = the base model.
+    cards += [_lora_card(name, model, path, base, created) for name, (model, path, base) in state.loras.items()]
     return JSONResponse({"object": "list", "data": cards})
 
 
@@ -44,6 +48,9 @@ async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
                                        "param": "model", "code": "model_not_found"}}, status_code=HTTPStatus.NOT_FOUND)
     if model.max_model_len is None:
         await model.describe()
+    lora = state.loras.get(model_id)
+    if lora is not None:
+        return JSONResponse(_lora_card(model_id, *lora, int(time.time())))
     return JSONResponse(_model_card(model_id, model, int(time.time())))
 
 
@@ -54,6 +61,63 @@ def _model_card(name: str, model: ServedModel, created: int) -> dict:
                             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                             "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                             "organization": "*", "group": None, "is_blocking": False}]}
+
+
+def _lora_card(name: str, model: ServedModel, path: str, base: str | None, created: int) -> dict:
+    return {**_model_card(name, model, created), "root": path, "parent": base or model.name}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request) -> Response:
+    state = server_state(request)
+    _check_runtime_lora(state)
+    body = await read_body(request, LoadLoRAAdapterRequest)
+    if not body.lora_name or not body.lora_path:
+        raise APIError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+    if body.lora_name in state.loras or state.lookup(body.lora_name) is not None:
+        raise APIError(f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name")
+    model = state.served_models[0]
+
+    async def run(_waited: float) -> Response:
+        try:
+            await model.engine.add_lora(body.lora_name, body.lora_path)
+        except LoRAError as error:
+            raise APIError(str(error), param="lora_path") from None
+        state.loras[body.lora_name] = (model, body.lora_path, None)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    return await state.respond(model, run)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> Response:
+    state = server_state(request)
+    _check_runtime_lora(state)
+    body = await read_body(request, UnloadLoRAAdapterRequest)
+    entry = state.loras.get(body.lora_name)
+    if entry is None:
+        raise APIError(f"The lora adapter '{body.lora_name}' cannot be found.", HTTPStatus.NOT_FOUND, "lora_name",
+                       "NotFoundError")
+    model = entry[0]
+
+    async def run(_waited: float) -> Response:
+        try:
+            await model.engine.remove_lora(body.lora_name)
+        except LoRAError as error:
+            raise APIError(str(error), param="lora_name") from None
+        del state.loras[body.lora_name]
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return await state.respond(model, run)
+
+
+def _check_runtime_lora(state: ServerState) -> None:
+    """vLLM serves these routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; otherwise they do not exist."""
+    if not state.server_config.allow_runtime_lora_updating:
+        raise APIError("runtime LoRA updating is off: set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                       "(or --allow-runtime-lora-updating)", HTTPStatus.NOT_FOUND, None, "NotFoundError")
+    if not state.engine_config.enable_lora:
+        raise APIError("LoRA adapters need --enable-lora")
 
 
 @router.post("/v1/chat/completions")
