@@ -172,35 +172,35 @@ class ServerConfig:
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
-def _template_kwargs_text(value: Any) -> str | None:
-    """`--default-chat-template-kwargs` as canonical JSON text (any JSON object)."""
+def _json_object(name: str, value: Any) -> dict[str, Any] | None:
+    """A flag's JSON object: given as JSON text (the command line) or as a mapping (a config file)."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise ValueError(f"default_chat_template_kwargs is not valid JSON: {error}") from None
+            raise ValueError(f"{name} is not valid JSON: {error}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"default_chat_template_kwargs must be a JSON object, got {value!r}")
-    return json.dumps(value, sort_keys=True)
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return value
+
+
+def _template_kwargs_text(value: Any) -> str | None:
+    """`--default-chat-template-kwargs` as canonical JSON text (any JSON object)."""
+    kwargs = _json_object("default_chat_template_kwargs", value)
+    return None if kwargs is None else json.dumps(kwargs, sort_keys=True)
 
 
 def _json_object_text(value: Any) -> str | None:
-    """`--override-generation-config` as canonical JSON text; a config file may give a mapping."""
-    if value is None or value == "":
+    """`--override-generation-config` as canonical JSON text, of the generation keys only."""
+    overrides = _json_object("override_generation_config", value)
+    if overrides is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"override_generation_config is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"override_generation_config must be a JSON object, got {value!r}")
-    unknown = sorted(set(value) - set(_GENERATION_KEYS))
+    unknown = sorted(set(overrides) - set(_GENERATION_KEYS))
     if unknown:
         raise ValueError(f"override_generation_config: unknown keys {unknown}; known: {', '.join(_GENERATION_KEYS)}")
-    return json.dumps(value, sort_keys=True)
+    return json.dumps(overrides, sort_keys=True)
 
 
 def _string_list(name: str, value: Any) -> tuple[str, ...]:

@@ -7,13 +7,14 @@ refuses everything else: a file that would call code is an error, never executed
 """
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from pagedserve.loader.safetensors import indexed_shards
 
 _INDEX_FILE = "pytorch_model.bin.index.json"
 
@@ -23,17 +24,7 @@ def bin_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index_file = folder / _INDEX_FILE
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-            raise ValueError(f"{index_file}: not a valid shard index ({error})") from error
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_file}: has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"{file}: missing, though {index_file.name} lists it")
-        return files
+        return indexed_shards(index_file)
     return sorted(folder.glob("pytorch_model*.bin"))
 
 

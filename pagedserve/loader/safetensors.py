@@ -39,14 +39,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index_file = folder / _INDEX_FILE
     if index_file.is_file():
-        weight_map = _read_json(index_file).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_file}: has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"{file}: missing, though {index_file.name} lists it")
-        return files
+        return indexed_shards(index_file)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{folder}: no *.safetensors weights ")
@@ -87,6 +80,18 @@ def generation_defaults(folder: Path | None) -> dict[str, Any]:
         return {}
     config = _read_json(Path(folder) / "generation_config.json")
     return {key: config[key] for key in _GENERATION_KEYS if config.get(key) is not None}
+
+
+def indexed_shards(index_file: Path) -> list[Path]:
+    """The weight files a Hugging Face shard index (`*.index.json`: its weight_map) names, each checked to exist."""
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file}: has no weight_map")
+    files = [index_file.parent / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{file}: missing, though {index_file.name} lists it")
+    return files
 
 
 def _read_json(path: Path) -> dict[str, Any]:
