@@ -66,10 +66,13 @@ async def streamed_then_hang_up(client: httpx.AsyncClient, tally: Tally) -> None
             return
         num_chunks = 0
         async for line in response.aiter_lines():
-            if "error" in line:
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            # an error event is an object with an "error" key (the generated text may well say "error")
+            if "error" in json.loads(line[6:]):
                 tally.errors.append(f"stream event: {line[:200]}")
                 return
-            num_chunks += line.startswith("data: ")
+            num_chunks += 1
             if num_chunks >= random.randint(2, 8):
                 break
     tally.aborted += 1
