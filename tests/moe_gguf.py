@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import torch
 
-from tests.tiny_gguf import _add_tokenizer, add_model_metadata, llama_cpp_permute
+from tests.tiny_gguf import _add_tokenizer, add_model_metadata, finish, llama_cpp_permute
 
 Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
 # transformers holds each layer's experts stacked: gate_up_proj [experts, 2 * inter, hidden], down_proj.
@@ -65,12 +65,7 @@ def write_moe_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
     for name, tensor in model.state_dict().items():
         array = tensor.numpy().astype(np.float32)
         if match := _EXPERTS.fullmatch(name):
-            if match[2] == "down_proj":
-                _add(writer, f"blk.{match[1]}.ffn_down_exps.weight", array)
-            else:
-                gate, up = np.split(array, 2, axis=1)
-                _add(writer, f"blk.{match[1]}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
-                _add(writer, f"blk.{match[1]}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            _add_experts(writer, match, array)
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -84,11 +79,17 @@ def write_moe_gguf(path: Path, model, architecture: str, tokenizer) -> Path:
             heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
             array = llama_cpp_permute(array, heads)
         _add(writer, gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)
+
+
+def _add_experts(writer: gguf.GGUFWriter, match: re.Match[str], array: np.ndarray) -> None:
+    """One layer's stacked experts: down as is, gate_up split in two, as llama.cpp stores them."""
+    if match[2] == "down_proj":
+        _add(writer, f"blk.{match[1]}.ffn_down_exps.weight", array)
+    else:
+        gate, up = np.split(array, 2, axis=1)
+        _add(writer, f"blk.{match[1]}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+        _add(writer, f"blk.{match[1]}.ffn_up_exps.weight", np.ascontiguousarray(up))
 
 
 def _add(writer: gguf.GGUFWriter, name: str, array: np.ndarray) -> None:
@@ -152,12 +153,7 @@ def write_deepseek_gguf(path: Path, model, tokenizer, split_kv_b: bool) -> Path:
     for name, tensor in model.state_dict().items():
         array = tensor.numpy().astype(np.float32)
         if match := _EXPERTS.fullmatch(name):
-            if match[2] == "down_proj":
-                _add(writer, f"blk.{match[1]}.ffn_down_exps.weight", array)
-            else:
-                gate, up = np.split(array, 2, axis=1)
-                _add(writer, f"blk.{match[1]}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
-                _add(writer, f"blk.{match[1]}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            _add_experts(writer, match, array)
             continue
         module, kind = name.rsplit(".", 1)
         if module in _GLOBAL:
@@ -173,8 +169,4 @@ def write_deepseek_gguf(path: Path, model, tokenizer, split_kv_b: bool) -> Path:
             writer.add_tensor(f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(v_b))
         else:
             _add(writer, f"blk.{layer}.{_DEEPSEEK_LAYER[leaf]}.{kind}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)

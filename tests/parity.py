@@ -5,6 +5,8 @@ and decodes share steps with prefills: the paged, batched path must give transfo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from pagedserve import LLM, SamplingParams
@@ -20,6 +22,13 @@ PROMPTS = [
     "The capital of Italy is Rome. The capital of France is Paris. The capital of Spain is Madrid. The capital of",
 ]
 MAX_TOKENS = 12
+
+
+def hf_float_model(folder: Path):
+    """transformers' model of `folder` in float32 with eager attention: the reference the parity tests use."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def hf_greedy(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:

@@ -16,7 +16,7 @@ from pagedserve.layers.mla_attention import MLAAttention
 from pagedserve.models.deepseek import DeepseekForCausalLM
 from tests.conftest import save_tiny_checkpoint
 from tests.moe_gguf import round_trip_to_quantized, write_deepseek_gguf
-from tests.parity import check_parity
+from tests.parity import check_parity, hf_float_model
 
 ENGINE_ARGS = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=48, block_size=4, num_threads=1)
 # mscale == mscale_all_dim as in every DeepSeek release (the GGUF keeps only one of them)
@@ -65,12 +65,6 @@ def tiny_deepseek(tmp_path_factory):
     return build
 
 
-def _hf_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-
-
 @pytest.mark.parametrize("version", ["v3", "v3-mscale", "v2"])
 def test_deepseek_matches_transformers(version, tiny_deepseek):
     from transformers import AutoTokenizer
@@ -84,7 +78,7 @@ def test_deepseek_matches_transformers(version, tiny_deepseek):
     assert len(caches) == 3 and all(isinstance(layer, MLAAttention) for layer in runner.attention_layers)
     assert all(cache.shape == (48, 4, 48) for cache in caches)
     assert runner.kv_bytes_per_block(4) == 3 * 48 * 4 * 4
-    check_parity(llm, _hf_model(folder), AutoTokenizer.from_pretrained(folder), atol=1e-3, cached_rerun=True)
+    check_parity(llm, hf_float_model(folder), AutoTokenizer.from_pretrained(folder), atol=1e-3, cached_rerun=True)
     assert llm.engine.scheduler.num_preemptions > 0
 
 
@@ -96,7 +90,7 @@ def test_quantized_deepseek2_gguf_matches_transformers(version, split_kv_b, tiny
 
     monkeypatch.setattr("pagedserve.loader.tokenizer.pagedserve_cache_dir", lambda: tmp_path / "cache")
     folder = tiny_deepseek(version)
-    hf_model, tokenizer = _hf_model(folder), AutoTokenizer.from_pretrained(folder)
+    hf_model, tokenizer = hf_float_model(folder), AutoTokenizer.from_pretrained(folder)
     # the split halves are quantized along other axes than kv_b: written float32 (as are 16-wide k_b rows)
     round_trip_to_quantized(hf_model, keep_float=("kv_b_proj",) if split_kv_b else ())
     path = write_deepseek_gguf(tmp_path / f"deepseek-{version}.gguf", hf_model, tokenizer, split_kv_b)

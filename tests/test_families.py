@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.loader.chat_template import render_chat_prompt
@@ -20,7 +19,7 @@ from pagedserve.config import ModelConfig
 from pagedserve.loader.safetensors import load_hf_config
 from pagedserve.models.registry import ENCODER_REGISTRY, MODEL_REGISTRY
 from tests.conftest import build_tokenizer, save_tiny_checkpoint
-from tests.parity import PROMPTS, check_parity
+from tests.parity import PROMPTS, check_parity, hf_float_model
 from tests.tiny_gguf import write_tiny_gguf
 
 WINDOW = 8
@@ -77,12 +76,6 @@ def tiny_folder(tmp_path_factory):
     return build
 
 
-def _hf_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-
-
 @pytest.mark.parametrize("family, architecture, sliding_windows", [
     ("qwen3", "Qwen3ForCausalLM", (None, None)),
     ("mistral", "MistralForCausalLM", (WINDOW, WINDOW)),
@@ -100,7 +93,7 @@ def test_hf_folder_matches_transformers(family, architecture, sliding_windows, t
     config = llm.engine.model_config
     assert (config.architecture, config.sliding_windows) == (architecture, sliding_windows)
     assert type(llm.engine.runner.model) is MODEL_REGISTRY[architecture]
-    check_parity(llm, _hf_model(folder), tokenizer, atol=1e-3)
+    check_parity(llm, hf_float_model(folder), tokenizer, atol=1e-3)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
@@ -112,7 +105,7 @@ def test_gguf_matches_transformers(architecture, tiny_folder, tiny_llama_dir, tm
     # The tokenizer built from this throwaway file is cached here, not in the user's cache.
     monkeypatch.setattr("pagedserve.loader.tokenizer.pagedserve_cache_dir", lambda: tmp_path / "cache")
     folder = tiny_llama_dir if architecture == "llama" else tiny_folder(architecture)
-    hf_model, tokenizer = _hf_model(folder), AutoTokenizer.from_pretrained(folder)
+    hf_model, tokenizer = hf_float_model(folder), AutoTokenizer.from_pretrained(folder)
     path = write_tiny_gguf(tmp_path / f"{architecture}.gguf", hf_model, architecture, tokenizer)
     llm = LLM(str(path), **ENGINE_ARGS)
     ours = llm.get_tokenizer()

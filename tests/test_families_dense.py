@@ -12,7 +12,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.models.registry import MODEL_REGISTRY
 from tests.conftest import save_tiny_checkpoint
-from tests.parity import MAX_TOKENS, PROMPTS, check_parity, hf_greedy
+from tests.parity import MAX_TOKENS, PROMPTS, check_parity, hf_float_model, hf_greedy
 
 # a small budget and small blocks: prompts are chunked, decodes share steps with prefills, and the
 # repeated prefixes of the parity prompts hit the prefix cache
@@ -49,12 +49,6 @@ def tiny_folder(tmp_path_factory):
     return build
 
 
-def _hf_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-
-
 @pytest.mark.parametrize("family, architecture", [
     ("phi3", "Phi3ForCausalLM"),
     ("gpt2", "GPT2LMHeadModel"),
@@ -67,7 +61,7 @@ def test_matches_transformers(family, architecture, tiny_folder):
     llm = LLM(str(folder), **ENGINE_ARGS)
     assert llm.engine.model_config.architecture == architecture
     assert type(llm.engine.runner.model) is MODEL_REGISTRY[architecture]
-    hf_model, tokenizer = _hf_model(folder), AutoTokenizer.from_pretrained(folder)
+    hf_model, tokenizer = hf_float_model(folder), AutoTokenizer.from_pretrained(folder)
     check_parity(llm, hf_model, tokenizer, atol=1e-3)
     _check_greedy_under_pressure(folder, hf_model, tokenizer)
 
@@ -106,7 +100,7 @@ def test_pytorch_bin_folder_loads(tiny_folder, tmp_path):
 
     folder = _as_bin_folder(tiny_folder("gpt2"), tmp_path / "dialogpt")
     llm = LLM(str(folder), **ENGINE_ARGS)
-    check_parity(llm, _hf_model(folder), AutoTokenizer.from_pretrained(folder), atol=1e-3)
+    check_parity(llm, hf_float_model(folder), AutoTokenizer.from_pretrained(folder), atol=1e-3)
 
 
 class _Payload:

@@ -16,7 +16,7 @@ from pagedserve.loader.safetensors import (generation_defaults, iter_safetensors
                                            num_safetensors_tensors)
 from pagedserve.loader.source import MODEL_ALIASES, ModelSource, resolve_model
 from pagedserve.loader.tokenizer import load_tokenizer
-from tests.tiny_gguf import add_model_metadata, gguf_tensors
+from tests.tiny_gguf import add_model_metadata, add_tensors, finish, gguf_tensors
 
 TEXTS = ["Hello world", " leading space", "你好，世界！今天天气很好。", "emoji 🤗🎉 ok",
          "<|im_start|>user\nhi<|im_end|>", "  two  spaces\n\nnew\tlines", "def f(x):\n    return x ** 2\n"]
@@ -60,15 +60,8 @@ def _write_gguf(path: Path, model, architecture: str, ggml_type=gguf.GGMLQuantiz
     writer.add_eos_token_id(2)
     tensors = dict(extra_tensors or {})
     tensors.update(gguf_tensors(model, architecture))
-    for name, array in tensors.items():
-        if ggml_type != gguf.GGMLQuantizationType.F32 and array.ndim == 2:
-            writer.add_tensor(name, gguf.quants.quantize(array, ggml_type), raw_dtype=ggml_type)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_tensors(writer, tensors, ggml_type)
+    finish(writer, path)
     return sorted(path.parent.glob(f"{path.stem}*.gguf"))
 
 

@@ -22,11 +22,21 @@ def write_tiny_gguf(path: Path, model, architecture: str, tokenizer,
     writer = gguf.GGUFWriter(path, architecture)
     add_model_metadata(writer, config, architecture)
     _add_tokenizer(writer, tokenizer)
-    for name, array in gguf_tensors(model, architecture).items():
+    add_tensors(writer, gguf_tensors(model, architecture), ggml_type)
+    return finish(writer, path)
+
+
+def add_tensors(writer: gguf.GGUFWriter, tensors: dict[str, np.ndarray], ggml_type: gguf.GGMLQuantizationType) -> None:
+    """Matrices quantized to `ggml_type` (unless F32), vectors float32, as llama.cpp's quantizer leaves them."""
+    for name, array in tensors.items():
         if ggml_type != gguf.GGMLQuantizationType.F32 and array.ndim == 2:
             writer.add_tensor(name, gguf.quants.quantize(array, ggml_type), raw_dtype=ggml_type)
         else:
             writer.add_tensor(name, array)
+
+
+def finish(writer: gguf.GGUFWriter, path: Path) -> Path:
+    """Write what `writer` holds (header, metadata, tensors) to `path` and close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from pagedserve.config import ModelConfig
-from pagedserve.layers.linear import Linear, VocabEmbedding
+from pagedserve.layers.linear import Linear
 from pagedserve.layers.mla_attention import MLAAttention
-from pagedserve.layers.moe import SparseMoeBlock
 from pagedserve.layers.norm import RMSNorm
-from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
+from pagedserve.layers.rotary import CosSin, apply_rotary
 from pagedserve.models.causal_lm import CausalLM
-from pagedserve.models.llama import LlamaMLP, PreNormDecoderLayer
+from pagedserve.models.mixtral import MoEModel
 
 # V3's checkpoints carry multi-token-prediction layers after the last decoder layer (one for V3/R1).
 _MAX_MTP_LAYERS = 4
@@ -76,42 +75,14 @@ class DeepseekAttention(nn.Module):
         return apply_rotary(x.contiguous(), cos_sin, rope)
 
 
-class DeepseekDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
-        super().__init__()
-        assert config.moe is not None, "DeepSeek layers need the config's routing"
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DeepseekAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (SparseMoeBlock(config.hidden_size, config.hidden_act, config.moe)
-                               if config.moe.sparse_layers[layer_index] else LlamaMLP(config))
-
-
-class DeepseekModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        assert config.mla is not None, "DeepSeek needs the config's MLA shape"
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(config.mla.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)            # [num_tokens, hidden_size]
-        cos_sin = self.rotary_emb(positions)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(cos_sin, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-
 class DeepseekForCausalLM(CausalLM):
     packed_modules = _PACKED_MODULES
     checkpoint_renames = {".shared_experts.": ".shared_expert."}
 
     def __init__(self, config: ModelConfig) -> None:
-        model = DeepseekModel(config)
+        assert config.mla is not None, "DeepSeek needs the config's MLA shape"
+        model = MoEModel(config, attention=lambda config, _: DeepseekAttention(config),
+                         rotary_dim=config.mla.qk_rope_head_dim)
         super().__init__(config, model, model.embed_tokens)
         # generation does not run the multi-token-prediction layers
         self.ignored_checkpoint_prefixes = tuple(
