@@ -175,13 +175,32 @@ def test_a_shared_long_prefix_goes_back_to_the_replica_that_cached_it(dp2_server
     dp2_server.check_log()
 
 
+def test_structured_output_reaches_both_replicas(dp2_server):
+    """The compiled grammar (which does not pickle) crosses to each replica once, and constrains every answer."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    before = finished(dp2_server)
+    for index in range(4):   # the replicas take turns: each gets the grammar once, then its key
+        response = httpx.post(dp2_server.url("/v1/chat/completions"), timeout=120, json={
+            "model": NAME, "messages": [{"role": "user", "content": f"Describe person number {index} as JSON."}],
+            "max_tokens": 60, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}})
+        assert response.status_code == 200, response.text
+        answer = json.loads(response.json()["choices"][0]["message"]["content"])
+        assert set(answer) == {"name", "age"} and isinstance(answer["age"], int), answer
+    after = finished(dp2_server)
+    assert all(after[engine] - before.get(engine, 0.0) >= 1 for engine in ("0", "1")), (before, after)
+    dp2_server.check_log()
+
+
 def test_a_disconnect_frees_the_blocks_on_its_replica(dp2_server):
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
             "stream": True}
     aborted_before = samples(dp2_server, "vllm:request_success_total")
     with httpx.stream("POST", dp2_server.url("/v1/completions"), json=body, timeout=120) as stream:
         assert stream.status_code == 200
-        for line in stream.iter_lines():
+        lines = stream.iter_lines()   # NOTE: held, since a collected line iterator closes the response
+        for line in lines:
             if line.startswith("data: "):
                 break
         running = wait_until(lambda: [engine for engine, value in samples(dp2_server, "vllm:num_requests_running")
@@ -224,4 +243,7 @@ def test_a_killed_replica_fails_its_stream_and_the_server_exits_non_zero():
         assert errors and f"data parallel replica {engine}" in errors[0]["error"]["message"], events[-3:]
         wait_until(lambda: server.process.poll() is not None, "the server to exit", timeout=FAILURE_BOUND_SECONDS)
         assert server.process.returncode == 1, server.log()[-3000:]
-        assert f"data parallel replica {engine} (pid {pids[engine]}) was killed by signal 9" in server.log()
+        log = server.log()
+        assert f"data parallel replica {engine} (pid {pids[engine]}) was killed by signal 9" in log
+        # the dead-engine path: /health answers 500 from then on (the server stops listening soon after)
+        assert f"the engine of {NAME} has stopped (RankFailedError: data parallel replica {engine}" in log
