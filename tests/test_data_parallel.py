@@ -221,6 +221,27 @@ def test_a_disconnect_frees_the_blocks_on_its_replica(dp2_server):
     dp2_server.check_log()
 
 
+def test_embeddings_from_both_replicas_equal_one_engines(restore_torch_threads):
+    """A pooling model behind replicas: each input's embedding as the offline engine computes it."""
+    from tests.test_embeddings import minilm_dir
+
+    inputs = ["A cat sits on the mat.", "Data parallel replicas share one API server."]
+    server = ServerProcess([str(minilm_dir()), "--served-model-name", NAME, "--data-parallel-size", "2"])
+    with server.running():
+        answers = []
+        for _ in range(2):   # one request per replica (they take turns)
+            response = httpx.post(server.url("/v1/embeddings"), json={"model": NAME, "input": inputs}, timeout=60)
+            assert response.status_code == 200, response.text
+            answers.append([item["embedding"] for item in response.json()["data"]])
+        served = finished(server)
+        assert served.get("0", 0) > 0 and served.get("1", 0) > 0, served
+        server.check_log()
+    reference = LLM(str(minilm_dir()), num_threads=1, cpu_threads_bind="nobind").embed(inputs)
+    for answer in answers:
+        for ours, theirs in zip(answer, reference):
+            assert max(abs(a - b) for a, b in zip(ours, theirs.outputs.embedding)) < 1e-5
+
+
 def test_a_killed_replica_fails_its_stream_and_the_server_exits_non_zero():
     server = ServerProcess(SERVER_ARGS)
     with server.running():
