@@ -268,3 +268,17 @@ def test_a_killed_replica_fails_its_stream_and_the_server_exits_non_zero():
         assert f"data parallel replica {engine} (pid {pids[engine]}) was killed by signal 9" in log
         # the dead-engine path: /health answers 500 from then on (the server stops listening soon after)
         assert f"the engine of {NAME} has stopped (RankFailedError: data parallel replica {engine}" in log
+
+
+def test_a_hung_replica_is_killed_after_the_timeout_and_the_server_exits_non_zero():
+    server = ServerProcess([*SERVER_ARGS, "--distributed-timeout-seconds", "5"])
+    with server.running():
+        pid = replica_pids(server)["1"]
+        os.kill(pid, signal.SIGSTOP)   # alive, but it steps and reports no more
+        try:
+            wait_until(lambda: server.process.poll() is not None, "the server to exit", timeout=FAILURE_BOUND_SECONDS)
+        finally:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+        assert server.process.returncode == 1, server.log()[-3000:]
+        assert f"data parallel replica 1 (pid {pid}) sent nothing for" in server.log()

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 # How long a replica may take to stop once told (it finishes its step first).
 _STOP_TIMEOUT_SECONDS = 10.0
+# A replica reports after every step and about once a second when idle; one silent for longer than
+# --distributed-timeout-seconds (default this) is hung, and is killed so that the engine fails loudly.
+DEFAULT_HANG_TIMEOUT_SECONDS = 300.0
 
 
 def _replica_main(index: int, config: EngineConfig, conn: Connection, log_level: int,
@@ -84,6 +88,7 @@ class ReplicaProcess:
         child_conn.close()
         self.info: ReplicaInfo | None = None
         self.stats: EngineStats | None = None
+        self.last_report = time.monotonic()
         self.sinks: dict[str, OutputSink] = {}          # request id -> where its items go
         self.calls: dict[int, concurrent.futures.Future] = {}
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -225,7 +230,10 @@ class DataParallelEngine:
         grammars = SerializedGrammars()
         for replica in self.replicas:
             replica.serialized_grammars = grammars
+            replica.last_report = time.monotonic()
             replica.start_threads(self._on_message, self._on_closed)
+        self._hang_timeout = float(config.distributed_timeout_seconds or DEFAULT_HANG_TIMEOUT_SECONDS)
+        threading.Thread(target=self._watch, name="pagedserve-replica-watchdog", daemon=True).start()
 
     # ---- what EngineClient asks -----------------------------------------------------------------
 
@@ -331,6 +339,7 @@ class DataParallelEngine:
 
     def _deliver(self, replica: ReplicaProcess, report: StepReport) -> None:
         replica.stats = report.stats
+        replica.last_report = time.monotonic()
         outputs: list[RequestOutput] = []
         for request_id, item in report.items:
             sink = replica.sinks.get(request_id)
@@ -346,6 +355,18 @@ class DataParallelEngine:
                 self._on_reject(reason)
         if self._on_step is not None:
             self._on_step(report.stats, outputs, replica.index)
+
+    def _watch(self) -> None:
+        """Kill a replica that stopped reporting (hung): its pipe closes, and the dead-replica path follows."""
+        while self.is_running:
+            time.sleep(min(self._hang_timeout / 4, 5.0))
+            for replica in self.replicas:
+                silent = time.monotonic() - replica.last_report
+                if silent > self._hang_timeout and self.is_running and replica.process.is_alive():
+                    reason = (f"data parallel replica {replica.index} (pid {replica.process.pid}) sent nothing for "
+                              f"{silent:.0f} s (--distributed-timeout-seconds {self._hang_timeout:g}); killed")
+                    self._replica_died(replica, reason)
+                    replica.process.kill()
 
     def _on_closed(self, replica: ReplicaProcess) -> None:
         if not self._is_stopping:
