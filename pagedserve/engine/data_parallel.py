@@ -123,7 +123,10 @@ class ReplicaProcess:
                 except (EOFError, OSError):
                     on_closed(self)
                     return
-                on_message(self, message)
+                try:
+                    on_message(self, message)
+                except RuntimeError as error:   # an event loop already closed (the server is stopping)
+                    logger.debug("replica %d: an output found no event loop: %s", self.index, error)
 
         def write() -> None:
             while (message := self._outbox.get()) is not None:
