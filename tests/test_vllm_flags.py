@@ -62,11 +62,11 @@ def test_every_vllm_serve_flag_parses(entry, tmp_path, caplog):
 
 def test_an_accepted_flag_logs_one_line_saying_why(caplog):
     with caplog.at_level(logging.INFO, logger="pagedserve"):
-        serve_configs(["serve", "--fully-sharded-loras", "--max-cpu-loras", "4", "-dp", "2", "--speculative-config",
+        serve_configs(["serve", "--fully-sharded-loras", "--max-cpu-loras", "4", "-ep", "--speculative-config",
                        '{"method": "ngram"}', "--lora-target-modules", "q_proj", "v_proj"], {})
     messages = [record.getMessage() for record in caplog.records]
     assert sorted(message.split(" ")[0] for message in messages) == [
-        "--data-parallel-size", "--fully-sharded-loras", "--lora-target-modules", "--max-cpu-loras",
+        "--enable-expert-parallel", "--fully-sharded-loras", "--lora-target-modules", "--max-cpu-loras",
         "--speculative-config"]
     assert any(message.startswith("--fully-sharded-loras has no effect here: LoRA tuning for GPUs")
                for message in messages)

@@ -24,8 +24,9 @@ class AcceptedGroup:
 
 VLLM_ACCEPTED_GROUPS: tuple[AcceptedGroup, ...] = (
     AcceptedGroup(
-        "one process serves the model and its HTTP API (no data, expert or context parallelism, API server "
-        "processes, gRPC or multi-node launch)",
+        "one machine serves the model behind one HTTP API process (data parallel replicas are local, set by "
+        "--data-parallel-size alone; no expert or context parallelism, API server processes, gRPC or multi-node "
+        "launch)",
         switches="headless grpc aggregate-engine-logging numa-bind dcp-q-replicate data-parallel-hybrid-lb "
                  "data-parallel-external-lb data-parallel-multi-port-external-lb enable-hc-sp enable-expert-parallel "
                  "enable-batch-sharded-sampling enable-ep-weight-filter enable-dbo enable-shm-tensor-arena "

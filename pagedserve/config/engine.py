@@ -74,6 +74,10 @@ class EngineConfig:
                                                            "aliases": ("-tp", "--tp", "--tp-size", "--tp_size")})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline parallel stages",
                                                              "aliases": ("-pp",)})
+    data_parallel_size: int = field(default=1, metadata={
+        "help": "engine replicas behind the one API server, each a process with its own KV cache and its share "
+                "of the cores; requests go to the least-loaded one, or to the one holding their cached prefix",
+        "aliases": ("-dp",)})
     enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters (PEFT folders) beside the model"})
     max_loras: int = field(default=1, metadata={"help": "most LoRA adapters loaded at once"})
     max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank accepted"})
@@ -133,6 +137,10 @@ class EngineConfig:
         self.runner_choice   # raises ValueError when --runner, --task and --convert disagree
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be positive")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be positive, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1:
+            self._check_data_parallel()
         if self.enable_lora and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
             # NOTE: adapters are loaded into the driver's model only; the worker ranks would run without them
             raise ValueError("--enable-lora needs tensor_parallel_size 1 and pipeline_parallel_size 1: LoRA "
@@ -142,6 +150,21 @@ class EngineConfig:
                              f"got {self.distributed_executor_backend!r}")
         if self.distributed_timeout_seconds is not None and self.distributed_timeout_seconds < 1:
             raise ValueError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
+
+    def _check_data_parallel(self) -> None:
+        """What data parallel replicas cannot (yet) combine with, refused at start-up."""
+        if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
+            raise ValueError(f"data_parallel_size {self.data_parallel_size} with tensor_parallel_size "
+                             f"{self.tensor_parallel_size} x pipeline_parallel_size {self.pipeline_parallel_size}: "
+                             "data parallel replicas run one rank each here; use one or the other")
+        if self.distributed_executor_backend == "ray":
+            raise ValueError("data parallel replicas are processes on this machine; --distributed-executor-backend "
+                             "ray is not supported with data_parallel_size > 1")
+        if self.enable_lora:
+            # NOTE: an adapter loaded while serving would have to reach every replica at once, and a request
+            # for it any of them; not built yet.
+            raise ValueError("--enable-lora needs data_parallel_size 1: LoRA adapters are not served by data "
+                             "parallel replicas")
 
     @property
     def runner_choice(self) -> str:

@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT_SECONDS = 1.0
 
 # Called on the loop thread after every step (and about once a second when idle) with the engine's
-# stats and the step's outputs: the metrics hook.
-StepHook = Callable[[EngineStats, list[RequestOutput]], None]
+# stats, the step's outputs and which engine stepped (0; a data parallel replica's index): the metrics hook.
+StepHook = Callable[[EngineStats, list[RequestOutput], int], None]
+# Where a queued request's items go, on the loop thread: ACCEPTED first, then its RequestOutputs, or an
+# exception that ends it.
+OutputSink = Callable[[object], None]
 # Called once, on the loop thread, if the loop ends other than by shutdown(), with what ended it.
 DeathHook = Callable[[BaseException], None]
 
@@ -49,6 +52,9 @@ class EngineOverloadedError(RuntimeError):
         super().__init__(message)
         self.reason = reason             # "queue_full" or "queue_timeout"
         self.retry_after = retry_after   # seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:   # rebuilt whole after a pipe (data parallel replicas)
+        return type(self), (str(self), self.reason, self.retry_after)
 
 
 # Called with the reason each time a request is refused or dropped for load (EngineOverloadedError).
@@ -77,18 +83,26 @@ class RequestFailedError(RuntimeError):
         super().__init__(message)
         self.__cause__ = cause
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # NOTE: across a pipe the cause travels as its text (it was logged where it happened)
+        cause = self.__cause__
+        return type(self), (str(self), RuntimeError(f"{type(cause).__name__}: {cause}"))
 
-_ACCEPTED = object()   # first item on a request's queue once the engine has queued it
+
+class _Accepted:
+    """The first item on a request's queue once the engine has queued it."""
+
+    def __reduce__(self) -> str:   # one object, also after a trip through a pipe (data parallel replicas)
+        return "ACCEPTED"
+
+
+ACCEPTED = _Accepted()
 
 
 @dataclass(frozen=True)
 class _Add:
     request: EngineRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    put: OutputSink
 
 
 @dataclass(frozen=True)
@@ -104,14 +118,27 @@ class _Call:
     future: concurrent.futures.Future
 
 
+def asyncio_sink(queue_: asyncio.Queue) -> OutputSink:
+    """A sink that hands each item to `queue_` on the running event loop (from any thread)."""
+    loop = asyncio.get_running_loop()
+
+    def put(item: object) -> None:
+        loop.call_soon_threadsafe(queue_.put_nowait, item)
+
+    return put
+
+
 class RequestStream:
     """Async iterator over one request's outputs. Call `abort()` if you stop before it finishes."""
 
-    def __init__(self, request: EngineRequest, queue_: asyncio.Queue, engine: AsyncEngine) -> None:
+    def __init__(self, request: EngineRequest, queue_: asyncio.Queue, abort: Callable[[str], None],
+                 engine_index: int = 0) -> None:
+        """`abort(request_id)` stops it in the engine serving it (`engine_index`: a data parallel replica)."""
         self.request_id = request.request_id
         self.prompt_token_ids = request.prompt_token_ids
+        self.engine_index = engine_index
         self._queue = queue_
-        self._engine = engine
+        self._abort = abort
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -130,13 +157,16 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self._engine.abort(self.request_id)
+            self._abort(self.request_id)
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_dead: DeathHook | None = None,
-                 max_queue_time: float | None = None, on_reject: RejectHook | None = None) -> None:
+                 max_queue_time: float | None = None, on_reject: RejectHook | None = None,
+                 engine_index: int = 0) -> None:
+        """`engine_index`: which data parallel replica this is (passed to `on_step`)."""
         self.engine = engine
+        self.engine_index = engine_index
         self._on_step = on_step
         self._on_dead = on_dead
         self._max_queue_time = max_queue_time
@@ -161,32 +191,48 @@ class AsyncEngine:
         a length, so at worst a step old)."""
         return len(self.engine.scheduler.waiting)
 
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
     async def add_request(self, request: EngineRequest) -> RequestStream:
         """Queue a checked request; returns its output stream once the engine accepted it.
 
         Raises ValueError (nothing queued) when the engine refuses it (a request id already in use).
         """
         queue_: asyncio.Queue = asyncio.Queue()
-        with self._inbox_lock:
-            if not self.is_running:
-                raise EngineDeadError("the engine is not running")
-            self._inbox.put(_Add(request, asyncio.get_running_loop(), queue_))
+        self.submit(request, asyncio_sink(queue_))
         first = await queue_.get()
         if isinstance(first, BaseException):
             raise first
-        return RequestStream(request, queue_, self)
+        return RequestStream(request, queue_, self.abort, self.engine_index)
+
+    def submit(self, request: EngineRequest, put: OutputSink) -> None:
+        """Queue a checked request whose items go to `put` (on the loop thread): ACCEPTED, or the exception
+        that refused it, then its outputs. Raises EngineDeadError if the loop has stopped."""
+        with self._inbox_lock:
+            if not self.is_running:
+                raise EngineDeadError("the engine is not running")
+            self._inbox.put(_Add(request, put))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
     async def call(self, function: Callable[[LLMEngine], Any]) -> Any:
         """`function(engine)` between steps, on the loop thread; its result or its exception."""
+        return await asyncio.wrap_future(self.call_soon(function))
+
+    def call_soon(self, function: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """`function(engine)` between steps, on the loop thread: the future of its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._inbox_lock:
             if not self.is_running:
                 raise EngineDeadError("the engine is not running")
             self._inbox.put(_Call(function, future))
-        return await asyncio.wrap_future(future)
+        return future
+
+    async def call_engine(self, method: str, *args: Any) -> Any:
+        """`engine.method(*args)` between steps (the LoRA verbs): a call that could cross a pipe."""
+        return await self.call(lambda engine: getattr(engine, method)(*args))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -279,7 +325,7 @@ class AsyncEngine:
 
     def _report(self, outputs: list[RequestOutput]) -> None:
         if self._on_step is not None:
-            self._on_step(self.engine.stats(), outputs)
+            self._on_step(self.engine.stats(), outputs, self.engine_index)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -314,7 +360,7 @@ class AsyncEngine:
             command.put(RequestFailedError("the engine could not queue this request", error))
             return
         self._streams[command.request.request_id] = command
-        command.put(_ACCEPTED)
+        command.put(ACCEPTED)
 
     def _fail_all(self, error: BaseException) -> None:
         request_ids = list(self._streams)

@@ -3,9 +3,9 @@ use a model's engine.
 
 It speaks in plain messages: prompts go through the `InputProcessor` (chat template, tokenizer, checks,
 sampling defaults) on worker threads, never on the event loop or the step loop, and reach the engine as
-`EngineRequest`s; outputs come back as `RequestOutput`s on a `RequestStream`. Today the step loop runs on
-a thread of this process (`AsyncEngine`); because nothing else crosses the boundary, the loop could run
-in another process or behind several replicas without its callers changing.
+`EngineRequest`s; outputs come back as `RequestOutput`s on a `RequestStream`. The step loop runs on a
+thread of this process (`AsyncEngine`), or, with `--data-parallel-size K`, in K replica processes behind a
+router (engine/data_parallel.py); because nothing else crosses the boundary, callers cannot tell.
 """
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import asyncio
 import dataclasses
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import (AsyncEngine, DeathHook, EngineOverloadedError, QueueLimits,
                                             RejectHook, RequestStream, StepHook)
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo
 from pagedserve.engine.lora import LoadedAdapter
-from pagedserve.engine.processor import ChatOptions, ChatPrompt, InputProcessor
+from pagedserve.engine.processor import ChatOptions, ChatPrompt, EngineRequest, InputProcessor
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.store.defaults import ModelDefaults, SamplingDefaults
@@ -31,17 +31,36 @@ _Result = TypeVar("_Result")
 _NUM_PROCESSOR_THREADS = 2
 
 
+class EngineCore(Protocol):
+    """Where checked requests run: one engine's step loop on a thread here (AsyncEngine), or data parallel
+    replicas in processes of their own (DataParallelEngine)."""
+
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def add_request(self, request: EngineRequest) -> RequestStream: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def call_engine(self, method: str, *args: Any) -> Any: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
 class EngineClient:
-    def __init__(self, engine: LLMEngine, processor: InputProcessor, on_step: StepHook | None = None,
-                 on_dead: DeathHook | None = None, queue_limits: QueueLimits = QueueLimits(),
-                 on_reject: RejectHook | None = None) -> None:
-        self.model_info: ModelInfo = engine.model_info()
+    def __init__(self, core: EngineCore, processor: InputProcessor, model_info: ModelInfo,
+                 queue_limits: QueueLimits = QueueLimits(), on_reject: RejectHook | None = None) -> None:
+        self.model_info = model_info
         self._processor = processor
-        self._core = AsyncEngine(engine, on_step, on_dead, queue_limits.max_queue_time, on_reject)
+        self._core = core
         self._max_waiting = queue_limits.max_waiting
         self._on_reject = on_reject
         self._num_preparing = 0   # requests past the queue check, not yet in the engine (event loop only)
-        self._stats = engine.stats
         self._pool = ThreadPoolExecutor(_NUM_PROCESSOR_THREADS, thread_name_prefix="pagedserve-processor")
         self._ids = itertools.count()
 
@@ -54,12 +73,29 @@ class EngineClient:
         """Load the model (blocking: call it off the event loop) and start its step loop. `on_dead(error)`
         is called on the loop's thread if the loop ever ends other than by shutdown(); `on_reject(reason)`
         for each request refused or dropped by `queue_limits`. `default_max_tokens`: the output cap of
-        requests that set none (None: up to the context)."""
+        requests that set none (None: up to the context).
+
+        With `config.data_parallel_size` > 1 the engine is that many replica processes, each its own
+        scheduler, model and KV cache; the processor stays here, so requests are checked once, in this process."""
+        if config.data_parallel_size > 1:
+            from pagedserve.engine.data_parallel import DataParallelEngine
+
+            replicas = DataParallelEngine(config, on_step, on_dead, queue_limits.max_queue_time, on_reject)
+            try:
+                processor = InputProcessor.for_model(
+                    config.model, replicas.tokenizer, replicas.limits, replicas.generation_config, model_defaults,
+                    sampling_overrides=sampling_overrides, use_generation_config=use_generation_config,
+                    default_max_tokens=default_max_tokens)
+            except BaseException:
+                replicas.shutdown()
+                raise
+            return cls(replicas, processor, replicas.model_info, queue_limits, on_reject)
         engine = LLMEngine(config)
         processor = InputProcessor.for_engine(engine, model_defaults, sampling_overrides=sampling_overrides,
                                               use_generation_config=use_generation_config,
                                               default_max_tokens=default_max_tokens)
-        return cls(engine, processor, on_step, on_dead, queue_limits, on_reject)
+        core = AsyncEngine(engine, on_step, on_dead, queue_limits.max_queue_time, on_reject)
+        return cls(core, processor, engine.model_info(), queue_limits, on_reject)
 
     # ---- what the model is ----------------------------------------------------------------------
 
@@ -76,7 +112,7 @@ class EngineClient:
         return self._processor.chat_template
 
     def stats(self) -> EngineStats:
-        return self._stats()
+        return self._core.stats()
 
     @property
     def is_running(self) -> bool:
@@ -150,13 +186,13 @@ class EngineClient:
 
     async def add_lora(self, name: str, path: str) -> LoadedAdapter:
         """Raises LoRAError (a ValueError; nothing loaded) for a bad adapter or a full set of slots."""
-        return await self._core.call(lambda engine: engine.add_lora(name, path))
+        return await self._core.call_engine("add_lora", name, path)
 
     async def remove_lora(self, name: str) -> None:
-        await self._core.call(lambda engine: engine.remove_lora(name))
+        await self._core.call_engine("remove_lora", name)
 
     async def list_loras(self) -> list[LoadedAdapter]:
-        return await self._core.call(lambda engine: engine.list_loras())
+        return await self._core.call_engine("list_loras")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the step loop (open streams end with a "shutting down" error) and the worker threads."""

@@ -14,7 +14,7 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.lora import LoadedAdapter, LoRAError, LoRAManager
 from pagedserve.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.engine.platform import Platform
-from pagedserve.engine.processor import EngineRequest
+from pagedserve.engine.processor import EngineRequest, ModelLimits
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.engine.sequence import Sequence, SequenceStatus
 from pagedserve.engine.structured_output import GrammarMatchers
@@ -89,6 +89,9 @@ class ModelInfo:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        if config.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size {config.data_parallel_size}: an LLMEngine (and the offline LLM) "
+                             "is one engine; data parallel replicas are served by `pagedserve serve` (EngineClient)")
         start = time.perf_counter()
         self.config = config
         checkpoint = open_checkpoint(config)
@@ -264,6 +267,11 @@ class LLMEngine:
             num_prefix_cache_hits=self.block_manager.num_prefix_hits,
             num_preemptions=self.scheduler.num_preemptions, num_free_blocks=self.block_manager.num_free_blocks,
             num_blocks=self.block_manager.num_blocks)
+
+    def model_limits(self) -> ModelLimits:
+        """What the InputProcessor checks requests against."""
+        return ModelLimits(self.model_config.vocab_size, self.max_model_len, self.config.max_num_seqs,
+                           self.eos_token_ids, self.pooler_config, self.model_config.hidden_size)
 
     def model_info(self) -> ModelInfo:
         runner = self.runner

@@ -110,14 +110,20 @@ class InputProcessor:
                    use_generation_config: bool = True, default_max_tokens: int | None = None) -> InputProcessor:
         """The processor for a loaded LLMEngine, with the created model's defaults (if any) over the
         checkpoint's generation_config.json, and `sampling_overrides` over both."""
-        defaults = sampling_defaults(engine.generation_config, model_defaults, sampling_overrides,
-                                     use_generation_config)
+        return cls.for_model(engine.config.model, engine.tokenizer, engine.model_limits(), engine.generation_config,
+                             model_defaults, sampling_overrides=sampling_overrides,
+                             use_generation_config=use_generation_config, default_max_tokens=default_max_tokens)
+
+    @classmethod
+    def for_model(cls, model: str, tokenizer: Any, limits: ModelLimits, generation_config: dict[str, Any],
+                  model_defaults: ModelDefaults = ModelDefaults(), *,
+                  sampling_overrides: Mapping[str, Any] | None = None, use_generation_config: bool = True,
+                  default_max_tokens: int | None = None) -> InputProcessor:
+        """As for_engine, from what an engine reports of itself (a data parallel replica in another process)."""
+        defaults = sampling_defaults(generation_config, model_defaults, sampling_overrides, use_generation_config)
         if defaults:
-            logger.info("%s: sampling defaults for fields a request leaves out: %s", engine.config.model,
-                        dict(defaults.values))
-        limits = ModelLimits(engine.model_config.vocab_size, engine.max_model_len, engine.config.max_num_seqs,
-                             engine.eos_token_ids, engine.pooler_config, engine.model_config.hidden_size)
-        return cls(engine.tokenizer, limits, model_defaults, defaults, default_max_tokens)
+            logger.info("%s: sampling defaults for fields a request leaves out: %s", model, dict(defaults.values))
+        return cls(tokenizer, limits, model_defaults, defaults, default_max_tokens)
 
     # ---- text <-> tokens ------------------------------------------------------------------------
 

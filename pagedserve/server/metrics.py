@@ -3,11 +3,15 @@
 `EngineMetrics.on_step` is the engine loop's step hook: it runs on the engine thread after every
 step and about once a second when idle, gets the engine's counters, and turns their growth into
 Prometheus counters. Each app owns its registry, so several servers can live in one process.
+With data parallel replicas (--data-parallel-size > 1) every vllm:* series also carries vLLM's
+`engine="0"`, `engine="1"`, ... label, one per replica (sum over it for the model's total), and the
+periodic line comes per replica and in total. With one engine the series keep their one label.
 No torch here.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -38,11 +42,14 @@ class _Snapshot:
 
 
 class MetricFamilies:
-    """The metrics of one server, labelled by model: one registry however many models it serves."""
+    """The metrics of one server, labelled by model (and by engine, with `per_engine`): one registry however
+    many models it serves."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_engine: bool = False) -> None:
         self.registry = CollectorRegistry()
-        registry, labels = self.registry, ["model_name"]
+        self.per_engine = per_engine
+        labels = ["model_name", "engine"] if per_engine else ["model_name"]
+        registry = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=registry)
@@ -65,7 +72,7 @@ class MetricFamilies:
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("vllm:num_preemptions", "Sequences preempted to free KV cache.")
         self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
-                                       ["model_name", "finished_reason"], registry=registry)
+                                       [*labels, "finished_reason"], registry=registry)
         self.rejected = Counter("pagedserve:requests_rejected", "Requests refused (queue_full) or dropped while "
                                 "waiting (queue_timeout) for load, answered 503.", ["model_name", "reason"],
                                 registry=registry)
@@ -86,8 +93,20 @@ _LABELLED = ("num_running", "num_waiting", "kv_cache_usage", "gpu_cache_usage", 
              "tpot", "e2e", "queue_time", "request_prompt_tokens", "request_generation_tokens")
 
 
+class _EngineSeries:
+    """One engine's labelled series, and its counters seen last (to turn into growth)."""
+
+    def __init__(self, families: MetricFamilies, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        for name in _LABELLED:
+            setattr(self, name, getattr(families, name).labels(*labels))
+        self.last = _Snapshot(time.monotonic())
+        self.last_logged = self.last
+        self.stats: Any = None
+
+
 class EngineMetrics:
-    """One engine's view of the metrics: its model's label, and the engine counters seen last.
+    """One model's view of the metrics: its label, and per engine (data parallel replica) the counters seen last.
 
     NOTE: make a new one for each engine (e.g. after a model reloads): the snapshot is per engine,
     while the counters live on in the shared families, so they keep growing across reloads.
@@ -100,87 +119,139 @@ class EngineMetrics:
         self.registry = self.families.registry
         self._model_name = model_name
         self._log_interval = log_interval
-        self._last = _Snapshot(time.monotonic())
-        self._last_logged = self._last
-        for name in _LABELLED:
-            setattr(self, name, getattr(self.families, name).labels(model_name))
+        self._engines: dict[int, _EngineSeries] = {}
+        # NOTE: data parallel replicas report from one thread each; the total line reads them all
+        self._lock = threading.Lock()
+        self._total_logged = _Snapshot(time.monotonic())
         self.request_success = self.families.request_success
         self.rejected = self.families.rejected
+        self._series(0)
+
+    def _series(self, engine_index: int) -> _EngineSeries:
+        series = self._engines.get(engine_index)
+        if series is None:
+            labels = (self._model_name, str(engine_index)) if self.families.per_engine else (self._model_name,)
+            with self._lock:
+                series = self._engines.setdefault(engine_index, _EngineSeries(self.families, labels))
+        return series
 
     # ---- the engine hook --------------------------------------------------------------------------
 
-    def on_step(self, stats: Any, outputs: Iterable[Any]) -> None:
-        """The engine loop's step hook (`StepHook`): on the engine thread."""
-        self.record_load(stats)
+    def on_step(self, stats: Any, outputs: Iterable[Any], engine_index: int = 0) -> None:
+        """The engine loop's step hook (`StepHook`): on the engine thread (a replica's reader thread)."""
+        series = self._series(engine_index)
+        self.record_load(stats, series)
         for output in outputs:
             if output.finished:
-                self.record_finished(output)
-        self.maybe_log(stats)
+                self.record_finished(output, series)
+        self.maybe_log(stats, series)
 
-    def record_load(self, stats: Any) -> None:
-        self.num_running.set(stats.num_running)
-        self.num_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
-        self.gpu_cache_usage.set(stats.kv_cache_usage)
-        self.num_free_blocks.set(stats.num_free_blocks)
-        self.num_blocks.set(stats.num_blocks)
+    def record_load(self, stats: Any, series: _EngineSeries | None = None) -> None:
+        series = series or self._series(0)
+        series.stats = stats
+        series.num_running.set(stats.num_running)
+        series.num_waiting.set(stats.num_waiting)
+        series.kv_cache_usage.set(stats.kv_cache_usage)
+        series.gpu_cache_usage.set(stats.kv_cache_usage)
+        series.num_free_blocks.set(stats.num_free_blocks)
+        series.num_blocks.set(stats.num_blocks)
         now = _snapshot(stats)
-        last, self._last = self._last, now
-        self.prompt_tokens.inc(max(now.num_prompt_tokens - last.num_prompt_tokens, 0))
-        self.generation_tokens.inc(max(now.num_generation_tokens - last.num_generation_tokens, 0))
-        self.prefix_queries.inc(max(now.num_prefix_cache_queries - last.num_prefix_cache_queries, 0))
-        self.prefix_hits.inc(max(now.num_prefix_cache_hits - last.num_prefix_cache_hits, 0))
-        self.preemptions.inc(max(now.num_preemptions - last.num_preemptions, 0))
+        last, series.last = series.last, now
+        series.prompt_tokens.inc(max(now.num_prompt_tokens - last.num_prompt_tokens, 0))
+        series.generation_tokens.inc(max(now.num_generation_tokens - last.num_generation_tokens, 0))
+        series.prefix_queries.inc(max(now.num_prefix_cache_queries - last.num_prefix_cache_queries, 0))
+        series.prefix_hits.inc(max(now.num_prefix_cache_hits - last.num_prefix_cache_hits, 0))
+        series.preemptions.inc(max(now.num_preemptions - last.num_preemptions, 0))
 
-    def record_finished(self, output: Any) -> None:
+    def record_finished(self, output: Any, series: _EngineSeries | None = None) -> None:
         """Latencies and counts of a finished request (a final `RequestOutput`)."""
+        series = series or self._series(0)
         # an embedding request has no completions: it stops once its prompt is pooled
         reason = output.outputs[0].finish_reason if output.outputs else None
-        self.request_success.labels(self._model_name, reason or "stop").inc()
-        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
-        self.request_generation_tokens.observe(sum(c.num_output_tokens for c in output.outputs))
+        self.request_success.labels(*series.labels, reason or "stop").inc()
+        series.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        series.request_generation_tokens.observe(sum(c.num_output_tokens for c in output.outputs))
         metrics = output.metrics
         if metrics is None or metrics.first_token_time is None:
             return
-        self.ttft.observe(max(metrics.first_token_time - metrics.arrival_time, 0.0))
+        series.ttft.observe(max(metrics.first_token_time - metrics.arrival_time, 0.0))
         finished = metrics.finished_time or metrics.last_token_time or metrics.first_token_time
-        self.e2e.observe(max(finished - metrics.arrival_time, 0.0))
+        series.e2e.observe(max(finished - metrics.arrival_time, 0.0))
         if metrics.first_scheduled_time is not None:
-            self.queue_time.observe(max(metrics.first_scheduled_time - metrics.arrival_time, 0.0))
+            series.queue_time.observe(max(metrics.first_scheduled_time - metrics.arrival_time, 0.0))
         for gap in metrics.token_gaps:
-            self.itl.observe(gap)
-            self.tpot.observe(gap)
+            series.itl.observe(gap)
+            series.tpot.observe(gap)
 
     def record_unloaded(self) -> None:
         """The engine is gone (its model unloaded): nothing runs, waits or holds KV blocks."""
-        for gauge in (self.num_running, self.num_waiting, self.kv_cache_usage, self.gpu_cache_usage,
-                      self.num_free_blocks, self.num_blocks):
-            gauge.set(0)
+        for series in list(self._engines.values()):
+            for gauge in (series.num_running, series.num_waiting, series.kv_cache_usage, series.gpu_cache_usage,
+                          series.num_free_blocks, series.num_blocks):
+                gauge.set(0)
 
     def record_rejected(self, reason: str) -> None:
         """A request refused or dropped for load (the queue limits); on the event loop or the engine thread."""
         self.rejected.labels(self._model_name, reason).inc()
 
-    def record_aborted(self) -> None:
+    def record_aborted(self, engine_index: int = 0) -> None:
         """A request the server aborted (client gone, shutdown); the engine reports nothing for it."""
-        self.request_success.labels(self._model_name, "abort").inc()
+        self.request_success.labels(*self._series(engine_index).labels, "abort").inc()
 
     # ---- the periodic log line --------------------------------------------------------------------
 
-    def maybe_log(self, stats: Any) -> None:
+    def maybe_log(self, stats: Any, series: _EngineSeries | None = None) -> None:
         if self._log_interval is None:
             return
-        now = self._last
-        since = self._last_logged
-        elapsed = now.time - since.time
-        if elapsed < self._log_interval:
+        series = series or self._series(0)
+        now = series.last
+        since = series.last_logged
+        if now.time - since.time < self._log_interval:
             return
-        self._last_logged = now
-        is_busy = stats.num_running or stats.num_waiting or now.num_generation_tokens != since.num_generation_tokens \
-            or now.num_prompt_tokens != since.num_prompt_tokens
-        if is_busy:
+        series.last_logged = now
+        if _is_busy(since, now, stats):
             # Named, since one server may run several models, each with its own engine and line.
-            logger.info("%s: %s", self._model_name, stats_line(since, now, stats))
+            where = f"{self._model_name} engine {series.labels[1]}" if self.families.per_engine else self._model_name
+            logger.info("%s: %s", where, stats_line(since, now, stats))
+        if self.families.per_engine:
+            self._maybe_log_total()
+
+    def _maybe_log_total(self) -> None:
+        """The replicas' line summed, once per interval (whichever replica reports first after it)."""
+        with self._lock:
+            engines = [series for series in self._engines.values() if series.stats is not None]
+            if len(engines) < 2:
+                return
+            now = _Snapshot(max(series.last.time for series in engines),
+                            *(sum(getattr(series.last, name) for series in engines) for name in _COUNTED))
+            since = self._total_logged
+            if now.time - since.time < (self._log_interval or 0.0):
+                return
+            self._total_logged = now
+            total = _Totals(sum(series.stats.num_running for series in engines),
+                            sum(series.stats.num_waiting for series in engines),
+                            sum(series.stats.num_blocks - series.stats.num_free_blocks for series in engines)
+                            / max(sum(series.stats.num_blocks for series in engines), 1))
+        if _is_busy(since, now, total):
+            logger.info("%s total of %d engines: %s", self._model_name, len(engines), stats_line(since, now, total))
+
+
+_COUNTED = ("num_prompt_tokens", "num_generation_tokens", "num_prefix_cache_queries", "num_prefix_cache_hits",
+            "num_preemptions")
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """The load of all replicas, for the total line."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+def _is_busy(since: _Snapshot, now: _Snapshot, stats: Any) -> bool:
+    return bool(stats.num_running or stats.num_waiting or now.num_generation_tokens != since.num_generation_tokens
+                or now.num_prompt_tokens != since.num_prompt_tokens)
 
 
 def stats_line(since: _Snapshot, now: _Snapshot, stats: Any) -> str:

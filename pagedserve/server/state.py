@@ -41,7 +41,8 @@ class ServerState:
         `engine_config`'s options; with `engine_config.models_dir` set, its models are served too."""
         self.server_config = server_config
         self.engine_config = engine_config
-        self.families = MetricFamilies()
+        # data parallel replicas: every series also says which engine (vLLM's engine="0", "1", ...)
+        self.families = MetricFamilies(per_engine=engine_config.data_parallel_size > 1)
         self.models = build_models(server_config, engine_config, self.families,
                                    [engine_config.model] if model_names is None else list(model_names),
                                    self._engine_died)
@@ -265,7 +266,7 @@ class RequestTracker:
         self._is_closed = True
         self._state.num_in_flight -= 1
         if not self.completed:
-            self._model.metrics.record_aborted()
+            self._model.metrics.record_aborted(getattr(self._streams[0], "engine_index", 0) if self._streams else 0)
             request_ids = ", ".join(stream.request_id for stream in self._streams)
             logger.info("Aborted request %s: %s", request_ids, self.failure or "the client disconnected")
         for stream in self._streams:
