@@ -205,9 +205,12 @@ def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_qlinear_with_many_weight_chunks():
-    packed = make_packed(600, 2048, 32, True, 4)             # several cache-sized chunks on the GEMM path
-    x = torch.randn(24, 2048)
+@pytest.mark.parametrize("num_rows", [5, 16, 24])
+def test_qlinear_with_many_weight_chunks(num_rows):
+    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 16 rows), the last
+    one partial, and several cache-sized chunks on the GEMM path (24 rows)."""
+    packed = make_packed(600, 2048, 32, True, 4)
+    x = torch.randn(num_rows, 2048)
     torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
                                rtol=1e-4, atol=1e-4)
 

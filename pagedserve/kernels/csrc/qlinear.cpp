@@ -146,16 +146,24 @@ void qlinear_rows_tile(const float* x, int64_t K, const uint8_t* q, const float*
 template <int G, int BITS>
 void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const uint8_t* q, const float* scale,
                   const float* offset, const float* bias, float* y, int64_t N) {
-  // NOTE: chunks of whole 4-row tiles, so no chunk ends in a scalar leftover row unless N does.
+  // NOTE: each 4-row tile of x reads the weights again, so the tiles take turns over blocks of weight
+  // rows small enough to stay in L2 (~256 KB); over a whole thread's share, every tile after the first
+  // streamed it from memory again (a 16-row step of Gemma 3's 262k-row head read it 4 times).
+  // Blocks of whole 4-row groups, so only a chunk's last block can end in scalar leftover rows.
+  const int64_t row_bytes = K * BITS / 8;
+  const int64_t block = std::max<int64_t>(4, (int64_t{1} << 18) / row_bytes / 4 * 4);
   at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
-    for (int64_t m = 0; m < num_rows; m += 4) {
-      const float* xm = x + m * K;
-      float* ym = y + m * N;
-      switch (std::min<int64_t>(4, num_rows - m)) {
-        case 4: qlinear_rows_tile<G, BITS, 4, 1>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        case 3: qlinear_rows_tile<G, BITS, 3, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        case 2: qlinear_rows_tile<G, BITS, 2, 2>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
-        default: qlinear_rows_tile<G, BITS, 1, 4>(xm, K, q, scale, offset, bias, ym, N, n_begin, n_end); break;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
+      const int64_t n1 = std::min(n_end, n0 + block);
+      for (int64_t m = 0; m < num_rows; m += 4) {
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+        switch (std::min<int64_t>(4, num_rows - m)) {
+          case 4: qlinear_rows_tile<G, BITS, 4, 1>(xm, K, q, scale, offset, bias, ym, N, n0, n1); break;
+          case 3: qlinear_rows_tile<G, BITS, 3, 2>(xm, K, q, scale, offset, bias, ym, N, n0, n1); break;
+          case 2: qlinear_rows_tile<G, BITS, 2, 2>(xm, K, q, scale, offset, bias, ym, N, n0, n1); break;
+          default: qlinear_rows_tile<G, BITS, 1, 4>(xm, K, q, scale, offset, bias, ym, N, n0, n1); break;
+        }
       }
     }
   });
