@@ -1,5 +1,16 @@
-"""The C++ CPU kernels and the packed-weight formats against plain torch / the gguf package."""
+"""The C++ CPU kernels and the packed-weight formats against plain torch / the gguf package.
+
+Each instruction-set variant of the kernels (pagedserve/kernels/isa.py) is its own build, and one
+process loads one: this module runs in-process on the variant this CPU picks (or $PAGEDSERVE_CPU_ISA),
+and `test_kernel_tests_pass_on_every_other_isa` runs it again in a child process for each other
+variant, or says it skips one because this CPU lacks the instructions.
+"""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -7,7 +18,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from pagedserve.kernels import cpu_kernels_available
+from pagedserve.kernels import cpu_kernels_available, kernel_isa
+from pagedserve.kernels.isa import ISA_ENV, PREFERENCE, VARIANTS, CpuInfo, choose_variant, this_cpu
 from pagedserve.layers import ops
 from pagedserve.layers.quant import PackedWeight
 from pagedserve.loader.gguf_blocks import _UNPACKERS, pack_blocks
@@ -16,6 +28,71 @@ from pagedserve.loader.gguf_blocks import _UNPACKERS, pack_blocks
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     assert cpu_kernels_available(), "the CPU kernels failed to build"
+
+
+# ---------------------------------------------------------------- instruction-set variants
+
+# /proc/cpuinfo flags of the two machines these tests run on (abridged to what matters here).
+EPYC_FLAGS = ("fpu sse sse2 ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand abm sse4a bmi1 "
+              "avx2 bmi2 sha_ni xsaveopt xsavec")
+XEON_FLAGS = (EPYC_FLAGS + " avx512f avx512dq avx512cd avx512bw avx512vl avx_vnni avx512_bf16 avx512_vnni amx_bf16 "
+              "amx_tile amx_int8")
+
+
+def cpu(flags: str, is_x86: bool = True) -> CpuInfo:
+    return CpuInfo(is_x86, frozenset(flags.split()))
+
+
+def test_the_widest_variant_the_cpu_runs_is_chosen():
+    assert choose_variant(cpu(XEON_FLAGS), None).name == "avx512"
+    assert choose_variant(cpu(EPYC_FLAGS), None).name == "avx2"
+    assert choose_variant(cpu("fpu sse sse2 avx"), None).name == "native"          # no AVX2: portable paths
+    assert choose_variant(cpu("fp asimd", is_x86=False), None).name == "native"     # ARM
+
+
+def test_the_environment_forces_a_variant_the_cpu_runs_and_refuses_others():
+    assert choose_variant(cpu(XEON_FLAGS), "avx2").name == "avx2"
+    assert choose_variant(cpu(XEON_FLAGS), " AVX512 ").name == "avx512"
+    with pytest.raises(ValueError, match=f"{ISA_ENV}=avx512: this CPU cannot run the AVX-512 .* kernels "
+                                         r"\(it lacks avx512_vnni, avx512bw, avx512cd, avx512dq, avx512f, avx512vl\)"):
+        choose_variant(cpu(EPYC_FLAGS), "avx512")
+    with pytest.raises(ValueError, match=f"{ISA_ENV}='sse9': expected one of avx512, avx2, native"):
+        choose_variant(cpu(XEON_FLAGS), "sse9")
+    with pytest.raises(ValueError, match=r"\(it lacks x86-64\)"):
+        choose_variant(cpu("fp asimd", is_x86=False), "avx2")
+
+
+def test_no_variant_emits_amx_or_native_code_on_x86():
+    """AMX faults on the Xeon VMs that report it, and a native build would not run on the other machine."""
+    for name in PREFERENCE:
+        assert not any("amx" in flag for flag in VARIANTS[name].compile_flags)
+    assert all("native" not in " ".join(VARIANTS[name].compile_flags) for name in ("avx2", "avx512"))
+
+
+def test_the_loaded_kernels_were_compiled_for_their_variant():
+    """The variant's flags reached the compiler: the build's own macros name the paths it compiled."""
+    expected = {"avx512": "avx512", "avx2": "avx2"}.get(kernel_isa() or "")
+    if expected is None:
+        pytest.skip(f"the {kernel_isa()} build compiles whatever this CPU has")
+    assert torch.ops.pagedserve.compiled_isa() == expected
+
+
+OTHER_ISAS = [name for name in ("avx512", "avx2") if name != choose_variant(this_cpu(), os.environ.get(ISA_ENV)).name]
+
+
+@pytest.mark.parametrize("isa", OTHER_ISAS)
+def test_kernel_tests_pass_on_every_other_isa(isa):
+    """This module again in a child process on the `isa` build (built into its own cache directory on
+    first use); skipped, saying why, where this CPU lacks the variant's instructions."""
+    lacking = VARIANTS[isa].missing_flags(this_cpu().flags)
+    if lacking:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it lacks {', '.join(lacking)})")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+               "-k", "not test_kernel_tests_pass_on_every_other_isa"]
+    # NOTE: bounded, so a hung build or test fails here rather than stalling the suite.
+    result = subprocess.run(command, env=os.environ | {ISA_ENV: isa}, cwd=Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"the {isa} kernels failed their tests:\n{result.stdout[-6000:]}{result.stderr[-2000:]}"
 
 
 def random_blocks(ggml_type: GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
@@ -73,6 +150,24 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 17])
+@pytest.mark.parametrize("ggml_type", list(_UNPACKERS), ids=lambda t: t.name)
+def test_qlinear_multiplies_every_gguf_format_kept_packed(ggml_type, num_rows):
+    """Real GGUF blocks as the loader packs them (4-bit or int8 codes, groups of 16 or 32), 37 outputs
+    (leftovers after every tile width) and 3 super-blocks of inputs, against the float64 product."""
+    rng = np.random.default_rng(3)
+    cols = 768
+    packed = pack_blocks(random_blocks(ggml_type, 37, cols, rng), ggml_type, cols)
+    x = torch.randn(num_rows, cols, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(4))
+    weights = packed.dequantize().double()
+    error = (ops.packed_linear(x, packed, bias, use_kernel=True).double() - (x.double() @ weights.t() + bias)).abs()
+    # NOTE: a float32 dot of 768 terms rounds by a few ulps of the sum of |terms| (K-quant blocks with
+    # random scale bytes make those sums large); a wrong code or scale is off by a whole weight.
+    bound = 8 * torch.finfo(torch.float32).eps * (x.double().abs() @ weights.abs().t() + bias.abs())
+    assert (error <= bound).all(), f"worst error {(error / bound).max():.2f}x the float32 rounding bound"
+
+
 def pack_four_bit(codes: torch.Tensor) -> torch.Tensor:
     """int codes 0..15 [rows, cols] -> GGUF's Q4 bytes (byte j of a 32-group: weight j low, j + 16 high)."""
     rows, cols = codes.shape
@@ -110,9 +205,12 @@ def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_qlinear_with_many_weight_chunks():
-    packed = make_packed(600, 2048, 32, True, 4)             # several cache-sized chunks on the GEMM path
-    x = torch.randn(24, 2048)
+@pytest.mark.parametrize("num_rows", [5, 16, 24])
+def test_qlinear_with_many_weight_chunks(num_rows):
+    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 16 rows), the last
+    one partial, and several cache-sized chunks on the GEMM path (24 rows)."""
+    packed = make_packed(600, 2048, 32, True, 4)
+    x = torch.randn(num_rows, 2048)
     torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
                                rtol=1e-4, atol=1e-4)
 
@@ -251,6 +349,110 @@ def test_fused_decode_layer_matches_the_layer_op_by_op(variant, first_layer):
     assert fused is not None
     for got, expected in zip(run(fused), run(None)):
         assert torch.equal(got, expected)
+
+
+def tiny_gemma3_layer(sliding_window: int | None = None):
+    """A Gemma 3 decoder layer (2 heads sharing 1 kv head of 64, hidden 64, so o_proj maps 128 -> 64), q/k/v
+    as 8-bit codes in groups of 16 (Q6_K-like), the rest 4-bit, 6 norms holding 1 + w, a 16-block cache."""
+    from pagedserve.config import ModelConfig
+    from pagedserve.models.gemma3 import Gemma3DecoderLayer
+
+    config = ModelConfig(architecture="Gemma3ForCausalLM", model_type="gemma3_text", vocab_size=96, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=64, rms_norm_eps=1e-6, max_position_embeddings=256, rope_theta=1e6,
+                         hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=48.0, local_rope_theta=1e4,
+                         sliding_windows=(sliding_window,))
+    layer = Gemma3DecoderLayer(config, 0)
+    attn, mlp = layer.self_attn, layer.mlp
+    for seed, (projection, group, bits) in enumerate(((attn.qkv_proj, 16, 8), (attn.o_proj, 32, 4),
+                                                      (mlp.gate_up_proj, 32, 4), (mlp.down_proj, 32, 4))):
+        projection.packed = make_packed(projection.out_features, projection.in_features, group, True, bits, seed)
+        projection.weight = None
+    gen = torch.Generator().manual_seed(0)
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                 layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm):
+        norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+    attn.attn.k_cache = torch.randn(16, 4, 1, 64, generator=gen)
+    attn.attn.v_cache = torch.randn(16, 4, 1, 64, generator=gen)
+    return layer
+
+
+def run_decode_layer(layer, fused, first_layer: bool, use_cpu_kernels: bool = True) -> tuple[torch.Tensor, ...]:
+    """One decode step of three sequences (1, 6 and 13 tokens long) through the layer, fused or in
+    Python (with the kernels or plain torch): (output, residual, k_cache, v_cache)."""
+    from pagedserve.layers.forward_context import ForwardContext, forward_context
+
+    attn = layer.self_attn.attn
+    metadata = decode_step([1, 6, 13])
+    gen = torch.Generator().manual_seed(1)
+    hidden_size = layer.input_layernorm.weight.shape[0]
+    hidden, residual = torch.randn(3, hidden_size, generator=gen), torch.randn(3, hidden_size, generator=gen)
+    positions = metadata.decode_context_lens - 1
+    freqs = positions[:, None].float() * torch.rand(attn.head_dim // 2, generator=gen)[None, :]  # [3, head_dim / 2]
+    caches = attn.k_cache.clone(), attn.v_cache.clone()
+    layer.fused_decode = fused
+    with torch.inference_mode(), forward_context(ForwardContext(metadata, use_cpu_kernels=use_cpu_kernels)):
+        out, new_residual = layer((freqs.cos(), freqs.sin()), hidden, None if first_layer else residual)
+    result = out, new_residual, attn.k_cache, attn.v_cache
+    attn.k_cache, attn.v_cache = caches
+    return result
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5], ids=["global", "sliding"])
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_fused_gemma3_layer_matches_the_layer_op_by_op_and_in_float(sliding_window, first_layer):
+    """The one C++ call computes exactly what the Python Gemma 3 layer computes with the same kernels, and
+    what it computes in plain float torch (dequantized weights) to float32 rounding."""
+    from pagedserve.models.gemma3 import gemma3_fused_decode_layer
+
+    layer = tiny_gemma3_layer(sliding_window)
+    fused = gemma3_fused_decode_layer(layer)
+    assert fused is not None
+    got = run_decode_layer(layer, fused, first_layer)
+    for value, expected in zip(got, run_decode_layer(layer, None, first_layer)):
+        assert torch.equal(value, expected)
+    for value, expected in zip(got, run_decode_layer(layer, None, first_layer, use_cpu_kernels=False)):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_llama_layer_matches_the_layer_in_float():
+    from pagedserve.models.llama_fused import fused_decode_layer
+
+    layer = tiny_decoder_layer(qk_norm=True, sliding_window=5)
+    got = run_decode_layer(layer, fused_decode_layer(layer), first_layer=False)
+    for value, expected in zip(got, run_decode_layer(layer, None, first_layer=False, use_cpu_kernels=False)):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4)
+
+
+def gemma3_layer_args(layer) -> dict:
+    attn, mlp = layer.self_attn, layer.mlp
+    linear = lambda projection: torch.classes.pagedserve.PackedLinear(**packed_linear_args(projection))  # noqa: E731
+    return dict(input_norm=layer.input_layernorm.weight, post_attention_norm=layer.post_attention_layernorm.weight,
+                pre_feedforward_norm=layer.pre_feedforward_layernorm.weight,
+                post_feedforward_norm=layer.post_feedforward_layernorm.weight, qkv_proj=linear(attn.qkv_proj),
+                o_proj=linear(attn.o_proj), gate_up_proj=linear(mlp.gate_up_proj), down_proj=linear(mlp.down_proj),
+                q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, num_heads=2, num_kv_heads=1, head_dim=64,
+                sliding_window=None, eps=1e-6, scale=48 ** -0.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(pre_feedforward_norm=torch.ones(32)),
+     r"Gemma3DecodeLayer: pre_feedforward_norm must have size 64 in dim 0, got shape \[32\]"),
+    (dict(post_feedforward_norm=torch.ones(64, dtype=torch.float64)),
+     "Gemma3DecodeLayer: post_feedforward_norm must be Float, got Double"),
+    (dict(q_norm=torch.ones(32)), r"Gemma3DecodeLayer: q_norm must have size 64 in dim 0"),
+    (dict(k_norm=None), "Gemma3DecodeLayer: k_norm is missing"),
+    (dict(num_kv_heads=2), "Gemma3DecodeLayer: qkv_proj must map 64 inputs to 384 outputs, got 64 -> 256"),
+    (dict(gate_up_proj="o_proj"), "Gemma3DecodeLayer: gate_up_proj must map 64 inputs to 64 outputs, got 128 -> 64"),
+])
+def test_fused_gemma3_layer_checks_its_weights_once(change, message):
+    args = gemma3_layer_args(tiny_gemma3_layer())
+    kernel = torch.classes.pagedserve.Gemma3DecodeLayer(**args)      # as built, it is accepted
+    with pytest.raises(RuntimeError, match=r"Gemma3DecodeLayer\.forward: hidden must have size 64 in dim 1"):
+        kernel.forward(**(step_args(tiny_decoder_layer()) | dict(hidden=torch.randn(2, 32))))
+    change = {name: args[value] if isinstance(value, str) else value for name, value in change.items()}
+    with pytest.raises(RuntimeError, match=message):
+        torch.classes.pagedserve.Gemma3DecodeLayer(**(args | change))
 
 
 def packed_linear_args(projection) -> dict:

@@ -9,6 +9,9 @@ Differences from Llama, all following transformers' modeling_gemma3.py:
   `rope_theta` and the config's rope scaling (linear for the larger models);
 - final logits are tanh soft-capped when the config sets `final_logit_softcapping`.
 
+Decode-only steps run each layer as one C++ call (`gemma3_fused_decode_layer`, kernels/csrc/fused_layer.h)
+when its projections are packed; it runs the same kernels as the Python layer, so the results are equal.
+
 NOTE: `attn_logit_softcapping` is ignored, as transformers (whose Gemma 3 attention never passes it
 on; Gemma 2's does), vLLM and llama.cpp all ignore it for Gemma 3. No released Gemma 3 sets it.
 
@@ -23,13 +26,17 @@ import torch
 from torch import nn
 
 from pagedserve.config import ModelConfig
+from pagedserve.distributed import current_model_parallel
+from pagedserve.layers.activation import GeluTanhAndMul
 from pagedserve.layers.attention import Attention
+from pagedserve.layers.forward_context import get_forward_context
 from pagedserve.layers.linear import VocabEmbedding
 from pagedserve.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.rotary import CosSin, RotaryEmbedding, apply_rotary
 from pagedserve.models.causal_lm import CausalLM
 from pagedserve.models.llama import PACKED_MODULES, LlamaMLP
+from pagedserve.models.llama_fused import FusedDecodeLayer, can_fuse, packed_linear
 
 # Gemma 3's default base for the sliding layers, when a config names none.
 DEFAULT_LOCAL_ROPE_THETA = 10_000.0
@@ -77,10 +84,15 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = _gemma_norm(config.hidden_size, config)
         self.mlp = LlamaMLP(config)
         self.post_feedforward_layernorm = _gemma_norm(config.hidden_size, config)
+        self.fused_decode: FusedDecodeLayer | None = None   # set by enable_fused_decode once weights are loaded
 
     def forward(self, cos_sin: CosSin, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output after its post-norm, the residual stream before adding it)."""
+        context = get_forward_context()
+        if self.fused_decode is not None and context.use_cpu_kernels and context.attn_metadata.is_decode_only \
+                and context.lora is None:   # the fused C++ layer knows no adapters
+            return self.fused_decode(cos_sin, hidden_states, residual, self.self_attn.attn)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -91,9 +103,40 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
 
 
+def gemma3_fused_decode_layer(layer: Gemma3DecoderLayer) -> FusedDecodeLayer | None:
+    """The layer as one C++ call (`torch.classes.pagedserve.Gemma3DecodeLayer`) for decode-only steps,
+    when its projections are packed. Needs the CPU kernels loaded. The norm weights already hold 1 + w,
+    and the caller passes the layer's own rotary table (local or global), as the Python layer gets it."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not isinstance(mlp.act, GeluTanhAndMul) or not can_fuse((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                mlp.down_proj)):
+        return None
+    kernel = torch.classes.pagedserve.Gemma3DecodeLayer(
+        input_norm=layer.input_layernorm.weight,
+        post_attention_norm=layer.post_attention_layernorm.weight,
+        pre_feedforward_norm=layer.pre_feedforward_layernorm.weight,
+        post_feedforward_norm=layer.post_feedforward_layernorm.weight,
+        qkv_proj=packed_linear(attn.qkv_proj),
+        o_proj=packed_linear(attn.o_proj),
+        gate_up_proj=packed_linear(mlp.gate_up_proj),
+        down_proj=packed_linear(mlp.down_proj),
+        q_norm=attn.q_norm.weight,
+        k_norm=attn.k_norm.weight,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_kv_heads,
+        head_dim=attn.head_dim,
+        sliding_window=attn.attn.sliding_window,
+        # NOTE: one epsilon for all six norms of the layer, q/k norms included: the config has one.
+        eps=layer.input_layernorm.eps,
+        scale=attn.attn.scale,
+    )
+    return FusedDecodeLayer(kernel)
+
+
 class Gemma3Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.tp_size = current_model_parallel().tp.size
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # NOTE: float32 here, rounded to the activation dtype in forward, as transformers does
         # (in bfloat16 sqrt(640) becomes 25.25, and the checkpoints were trained that way).
@@ -126,6 +169,16 @@ class Gemma3ForCausalLM(CausalLM):
         model = Gemma3Model(config)
         super().__init__(config, model, model.embed_tokens)
         self.final_logit_softcap = config.final_logit_softcapping
+
+    def enable_fused_decode(self) -> None:
+        assert isinstance(self.model, Gemma3Model)
+        # NOTE: the C++ layer runs o_proj and down_proj with no all-reduce after them, so a tensor-parallel
+        # shard runs the Python layer (its packed projections still use the C++ matmul kernel).
+        if self.model.tp_size > 1:
+            return
+        for layer in self.model.layers:
+            if isinstance(layer, Gemma3DecoderLayer):
+                layer.fused_decode = gemma3_fused_decode_layer(layer)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden_size] -> [num_rows, vocab_size] float32 logits, soft-capped if configured."""

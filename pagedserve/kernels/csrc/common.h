@@ -1,22 +1,39 @@
 // SIMD helpers shared by the kernel families (float32 activations).
 //
-// Built at first use with -march=native (torch.utils.cpp_extension), so AVX2/AVX-512 paths follow
-// the machine: PS_AVX2 is defined where AVX2 and FMA are available (AVX-512 machines have both),
-// and every kernel keeps a portable path for the rest. Parallelism uses torch's own thread pool
-// (at::parallel_for).
+// Built at first use for one instruction-set variant (pagedserve/kernels/isa.py: avx512, avx2, or
+// native), so the SIMD paths follow the variant's flags: PS_AVX2 where AVX2 and FMA are available
+// (the avx512 variant has both), PS_AVX512 where AVX-512 F/BW/DQ/VL and VNNI are, and every kernel
+// keeps a portable path for the rest. Parallelism uses torch's own thread pool (at::parallel_for).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PS_AVX2 1
 #endif
+#if defined(PS_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define PS_AVX512 1
+#endif
 
 namespace pagedserve {
+
+// The op torch.ops.pagedserve.compiled_isa: the widest SIMD paths this build compiled ("avx512",
+// "avx2" or "portable"), so a test can tell the variant's flags reached the compiler.
+inline std::string compiled_isa() {
+#if defined(PS_AVX512)
+  return "avx512";
+#elif defined(PS_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
 
 #ifdef PS_AVX2
 inline float hsum(__m256 v) {

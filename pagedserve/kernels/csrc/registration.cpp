@@ -4,16 +4,18 @@
 // qlinear.{h,cpp}:      qlinear and PackedLinear, packed group-quantized weights times float activations
 // attention.{h,cpp}:    paged_attention, one query token per sequence read through the block tables
 // elementwise.{h,cpp}:  add_rms_norm, rms_norm, rotary_inplace, silu_and_mul, gelu_and_mul
-// fused_layer.{h,cpp}:  LlamaDecodeLayer, a whole Llama-family decoder layer for decode-only steps
-// common.h:             SIMD helpers and the argument checks every entry point runs
+// fused_layer.{h,cpp}:  LlamaDecodeLayer and Gemma3DecodeLayer, whole decoder layers for decode-only steps
+// common.h:             SIMD helpers, the argument checks every entry point runs, compiled_isa
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "attention.h"
+#include "common.h"
 #include "elementwise.h"
 #include "fused_layer.h"
 #include "qlinear.h"
 
+using pagedserve::Gemma3DecodeLayer;
 using pagedserve::LlamaDecodeLayer;
 using pagedserve::PackedLinear;
 
@@ -26,6 +28,7 @@ TORCH_LIBRARY(pagedserve, m) {
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int head_dim) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("gelu_and_mul(Tensor x) -> Tensor");
+  m.def("compiled_isa() -> str", &pagedserve::compiled_isa);   // no tensors: one kernel for every backend
 
   // NOTE: every constructor and method argument is named (torch::arg, none with a default), so
   // Python passes them by keyword and a missing or misspelt one is an error naming it.
@@ -48,6 +51,22 @@ TORCH_LIBRARY(pagedserve, m) {
             torch::arg("num_heads"), torch::arg("num_kv_heads"), torch::arg("head_dim"),
             torch::arg("sliding_window"), torch::arg("eps"), torch::arg("scale")})
       .def("forward", &LlamaDecodeLayer::forward, "One decode step of the layer; returns its MLP output.",
+           {torch::arg("hidden"), torch::arg("residual"), torch::arg("first_layer"), torch::arg("cos"),
+            torch::arg("sin"), torch::arg("k_cache"), torch::arg("v_cache"), torch::arg("slot_mapping"),
+            torch::arg("block_tables"), torch::arg("context_lens")});
+
+  m.class_<Gemma3DecodeLayer>("Gemma3DecodeLayer")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::intrusive_ptr<PackedLinear>,
+                       c10::intrusive_ptr<PackedLinear>, c10::intrusive_ptr<PackedLinear>,
+                       c10::intrusive_ptr<PackedLinear>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
+                       c10::optional<int64_t>, double, double>(),
+           "A Gemma 3 decoder layer for decode-only steps, its weights checked once.",
+           {torch::arg("input_norm"), torch::arg("post_attention_norm"), torch::arg("pre_feedforward_norm"),
+            torch::arg("post_feedforward_norm"), torch::arg("qkv_proj"), torch::arg("o_proj"),
+            torch::arg("gate_up_proj"), torch::arg("down_proj"), torch::arg("q_norm"), torch::arg("k_norm"),
+            torch::arg("num_heads"), torch::arg("num_kv_heads"), torch::arg("head_dim"),
+            torch::arg("sliding_window"), torch::arg("eps"), torch::arg("scale")})
+      .def("forward", &Gemma3DecodeLayer::forward, "One decode step of the layer; returns its MLP output.",
            {torch::arg("hidden"), torch::arg("residual"), torch::arg("first_layer"), torch::arg("cos"),
             torch::arg("sin"), torch::arg("k_cache"), torch::arg("v_cache"), torch::arg("slot_mapping"),
             torch::arg("block_tables"), torch::arg("context_lens")});
