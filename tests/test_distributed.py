@@ -57,6 +57,10 @@ def assert_same(expected: list, actual: list) -> None:
 def parallel_run(path, max_tokens: int = 10, **parallel) -> list:
     llm = engine(path, **parallel)
     try:
+        if parallel.get("tensor_parallel_size", 1) > 1:
+            # every rank is on this machine: the all-reduce goes through shared memory unless turned off
+            uses_shm = llm.engine.executor.parallel.tp.shm is not None
+            assert uses_shm != parallel.get("disable_custom_all_reduce", False)
         results = run(llm, max_tokens)
         if parallel.get("pipeline_parallel_size", 1) > 1:
             # more than one batch in flight: the first stage started a batch while a later one ran the last
@@ -77,6 +81,12 @@ def tiny_llama_reference(tiny_llama_dir, restore_torch_threads):
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_tiny_llama_parallel_matches_one_process(tiny_llama_dir, tiny_llama_reference, tp, pp):
     assert_same(tiny_llama_reference, parallel_run(tiny_llama_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp))
+
+
+def test_tiny_llama_tp2_over_gloo_matches_one_process(tiny_llama_dir, tiny_llama_reference):
+    """--disable-custom-all-reduce: the all-reduce goes over gloo's loopback TCP, as across hosts."""
+    assert_same(tiny_llama_reference, parallel_run(tiny_llama_dir, tensor_parallel_size=2,
+                                                   disable_custom_all_reduce=True))
 
 
 def test_qwen2_bias_gqa_tied_with_replicated_kv_heads(tiny_qwen2_dir, restore_torch_threads):

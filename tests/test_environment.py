@@ -37,6 +37,14 @@ def test_ollama_host(value, address):
     assert (server.host, server.port) == address
 
 
+def test_pagedserve_disable_shm_allreduce():
+    assert not configs("serve", {})[0].disable_custom_all_reduce
+    assert configs("serve", {"PAGEDSERVE_DISABLE_SHM_ALLREDUCE": "1"})[0].disable_custom_all_reduce
+    assert configs("serve --disable-custom-all-reduce", {})[0].disable_custom_all_reduce
+    assert not configs("serve --no-disable-custom-all-reduce",
+                       {"PAGEDSERVE_DISABLE_SHM_ALLREDUCE": "1"})[0].disable_custom_all_reduce
+
+
 def test_ollama_host_under_flags_and_pagedserve_variables():
     _, server = configs("serve --port 8000", {"OLLAMA_HOST": "0.0.0.0:11434"})
     assert (server.host, server.port) == ("0.0.0.0", 8000)

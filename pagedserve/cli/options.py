@@ -21,7 +21,6 @@ ACCEPTED_FLAGS: dict[str, tuple[type, str]] = {
     "trust_remote_code": (bool, "only built-in architectures are supported, no remote code runs"),
     "load_format": (str, "the format is detected from the files"),
     "tokenizer_mode": (str, "the fast tokenizer is always used"),
-    "disable_custom_all_reduce": (bool, "there is no custom all-reduce"),
     "max_seq_len_to_capture": (int, "no CUDA graphs are captured"),
     "worker_use_ray": (bool, "use --distributed-executor-backend ray"),
     "enable_chunked_prefill": (bool, "chunked prefill is always on"),

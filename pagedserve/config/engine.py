@@ -100,6 +100,8 @@ class EngineConfig:
                 "the default for more), ray (Ray actors across the cluster's nodes)"})
     distributed_timeout_seconds: int | None = field(default=None, metadata={
         "help": "how long ranks wait for each other (start-up, each step) before failing (default 300)"})
+    disable_custom_all_reduce: bool = field(default=False, metadata={
+        "help": "tensor-parallel ranks on one machine all-reduce over gloo (loopback TCP) instead of shared memory"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

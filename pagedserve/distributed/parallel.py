@@ -7,6 +7,7 @@ process (a single-rank one beside a sharded one) never share a switch.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,25 +17,36 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from pagedserve.distributed.shm import SharedMemoryGroup, join_shared_memory
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in its tensor-parallel group; `group` is None for a single rank."""
+    """This rank's place in its tensor-parallel group; `group` is None for a single rank. `shm`: the group's
+    shared-memory segment when all its ranks are on this machine (None: its collectives go over gloo)."""
 
     rank: int = 0
     size: int = 1
     group: Any = None               # torch.distributed ProcessGroup
+    shm: SharedMemoryGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the group (in place)."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            if self.shm is not None and self.shm.can_reduce(x):
+                self.shm.all_reduce(x)
+            else:
+                dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x concatenated along the last dim, in rank order."""
         if self.size == 1:
             return x
+        if self.shm is not None:
+            return self.shm.all_gather(x)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
@@ -113,23 +125,30 @@ def split_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
 
 
 def init_model_parallel(rank: int, tp_size: int, pp_size: int, num_layers: int, init_method: str,
-                        timeout_seconds: float, backend: str = "gloo") -> ModelParallel:
+                        timeout_seconds: float, backend: str = "gloo", use_shared_memory: bool = True) -> ModelParallel:
     """Join the world (every rank calls this with the same sizes) and make the tensor-parallel groups.
-    gloo on CPU; NCCL would take its place on CUDA with the same calls."""
+    gloo on CPU; NCCL would take its place on CUDA with the same calls. `use_shared_memory`: a group whose
+    ranks share a machine all-reduces through shared memory (every rank must pass the same value)."""
     world_size = tp_size * pp_size
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_seconds))
     pp_rank, tp_rank = divmod(rank, tp_size)
-    group = None
+    group, group_ranks = None, []
     # NOTE: every rank creates every group, in the same order, as new_group requires.
     for stage in range(pp_size):
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
         made = dist.new_group(ranks, timeout=timedelta(seconds=timeout_seconds)) if tp_size > 1 else None
         if stage == pp_rank:
-            group = made
+            group, group_ranks = made, ranks
     control_group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=timeout_seconds))
+    shm = None
+    if tp_size > 1 and use_shared_memory:
+        shm = join_shared_memory(group, group_ranks, tp_rank, timeout_seconds)
+    elif tp_size > 1 and tp_rank == 0:
+        logger.info("tensor-parallel ranks %s: all-reduce over gloo (shared memory turned off)",
+                    ",".join(map(str, group_ranks)))
     start, end = split_layers(num_layers, pp_size)[pp_rank]
-    return ModelParallel(TensorParallel(tp_rank, tp_size, group),
+    return ModelParallel(TensorParallel(tp_rank, tp_size, group, shm),
                          PipelineStage(pp_rank, pp_size, start, end if pp_size > 1 else None, tp_size), control_group)
 
 

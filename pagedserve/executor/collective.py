@@ -75,8 +75,9 @@ class CollectiveExecutor:
         chosen = os.environ.get("GLOO_SOCKET_IFNAME")
         use_interface_of(driver_ip)
         try:
-            parallel = _join_watched(launcher, lambda: init_model_parallel(0, tp_size, pp_size, num_layers,
-                                                                           init_method, timeout))
+            parallel = _join_watched(launcher, lambda: init_model_parallel(
+                0, tp_size, pp_size, num_layers, init_method, timeout,
+                use_shared_memory=not config.disable_custom_all_reduce))
         finally:
             if chosen is None:
                 os.environ.pop("GLOO_SOCKET_IFNAME", None)

@@ -103,7 +103,8 @@ def run_worker(spec: WorkerSpec) -> int:
     use_interface_of(spec.node_ip)
     config = spec.config
     parallel = init_model_parallel(spec.rank, config.tensor_parallel_size, config.pipeline_parallel_size,
-                                   spec.num_layers, spec.init_method, spec.timeout_seconds)
+                                   spec.num_layers, spec.init_method, spec.timeout_seconds,
+                                   use_shared_memory=not config.disable_custom_all_reduce)
     platform, runner, error = None, None, None
     try:
         checkpoint = open_checkpoint(config)

@@ -6,6 +6,8 @@
 // elementwise.{h,cpp}:  add_rms_norm, rms_norm, rotary_inplace, silu_and_mul, gelu_and_mul
 // fused_layer.{h,cpp}:  LlamaDecodeLayer and Gemma3DecodeLayer, whole decoder layers for decode-only steps
 // common.h:             SIMD helpers, the argument checks every entry point runs, compiled_isa
+// shm_allreduce.{h,cpp}: ShmCommunicator, tensor-parallel collectives through shared memory (registered by a
+//                        TORCH_LIBRARY_FRAGMENT of its own, beside the class)
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
