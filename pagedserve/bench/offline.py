@@ -1,7 +1,8 @@
 """`pagedserve bench throughput` and `bench latency`: the engine alone, no HTTP.
 
 `--backend hf` runs the same prompts through Hugging Face transformers' `generate` (batched, greedy,
-left-padded) on the same weights, so the two numbers come from one command on one machine.
+left-padded) on the same weights, so the two numbers come from one command on one machine: e.g. MoE
+decode at batch 1 and 16 (`bench latency --num-prompts 16`) as a ratio to transformers.
 """
 from __future__ import annotations
 
@@ -37,36 +38,69 @@ def hf_throughput(config: EngineConfig, prompts: list[BenchPrompt], batch_size: 
     start = time.perf_counter()
     for first in tqdm(range(0, len(prompts), batch_size), desc="transformers batches"):
         batch = prompts[first:first + batch_size]
-        width = max(len(p.token_ids) for p in batch)
-        input_ids = torch.tensor([[0] * (width - len(p.token_ids)) + p.token_ids for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in batch], device=device)
-        max_new = max(p.output_len for p in batch)
-        with torch.inference_mode():
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=0)
-        num_output += (out.shape[1] - width) * len(batch)
+        num_output += _hf_generate(model, device, batch, max(p.output_len for p in batch))
     elapsed = time.perf_counter() - start
     return _throughput_report("transformers", prompts, num_output, elapsed)
 
 
-def pagedserve_latency(config: EngineConfig, prompts: list[BenchPrompt], iterations: int) -> dict[str, Any]:
-    """One batch (all prompts) end to end, `iterations` times after a warm-up."""
+def pagedserve_latency(config: EngineConfig, batches: list[list[BenchPrompt]]) -> dict[str, Any]:
+    """One batch end to end per iteration, and the same-shaped batch with one output token (its prefill),
+    after a warm-up. `batches`: the warm-up, then a whole and a prefill-only batch per iteration, each
+    with prompts of its own so that none comes from the prefix cache."""
     from pagedserve.engine.llm import LLM
 
     llm = LLM(**vars(config))
-    params = SamplingParams(temperature=0.0, max_tokens=prompts[0].output_len, ignore_eos=True)
-    llm.generate([prompts[0].token_ids], SamplingParams(temperature=0.0, max_tokens=2))
-    latencies = []
-    for _ in tqdm(range(iterations), desc="Iterations"):
+
+    def run(prompts: list[BenchPrompt], max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         start = time.perf_counter()
         llm.generate([p.token_ids for p in prompts], params)
-        latencies.append(time.perf_counter() - start)
-    latencies_t = torch.tensor(latencies)
-    return {"backend": "pagedserve", "batch_size": len(prompts), "input_len": len(prompts[0].token_ids),
-            "output_len": prompts[0].output_len, "iterations": iterations,
+        return time.perf_counter() - start
+
+    return _latency_report("pagedserve", batches, run)
+
+
+def hf_latency(config: EngineConfig, batches: list[list[BenchPrompt]]) -> dict[str, Any]:
+    """The same batches through transformers' generate on the same weights (greedy, EOS ignored)."""
+    model, device = _hf_model(config)
+
+    def run(prompts: list[BenchPrompt], max_tokens: int) -> float:
+        start = time.perf_counter()
+        _hf_generate(model, device, prompts, max_tokens)
+        return time.perf_counter() - start
+
+    return _latency_report("transformers", batches, run)
+
+
+def _latency_report(backend: str, batches: list[list[BenchPrompt]], run) -> dict[str, Any]:
+    """decode_tokens_per_s: the tokens after the first of each sequence over the time after prefill
+    (whole batch minus the prefill-only batch), what a batch of that size decodes per second."""
+    first = batches[0]
+    batch_size, output_len = len(first), first[0].output_len
+    run(first, 2)   # warm-up
+    latencies, prefills = [], []
+    for index in tqdm(range((len(batches) - 1) // 2), desc="Iterations"):
+        latencies.append(run(batches[1 + 2 * index], output_len))
+        prefills.append(run(batches[2 + 2 * index], 1))
+    latencies_t, prefills_t = torch.tensor(latencies), torch.tensor(prefills)
+    decode_s = float(latencies_t.median() - prefills_t.median())
+    return {"backend": backend, "batch_size": batch_size, "input_len": len(first[0].token_ids),
+            "output_len": output_len, "iterations": len(latencies),
             "avg_latency_s": float(latencies_t.mean()), "median_latency_s": float(latencies_t.median()),
             "p99_latency_s": float(torch.quantile(latencies_t, 0.99)),
-            "decode_tokens_per_s": len(prompts) * prompts[0].output_len / float(latencies_t.mean())}
+            "median_prefill_s": float(prefills_t.median()),
+            "decode_tokens_per_s": batch_size * (output_len - 1) / decode_s if decode_s > 0 else 0.0}
+
+
+def _hf_generate(model, device, prompts: list[BenchPrompt], max_new: int) -> int:
+    """One left-padded greedy batch of exactly `max_new` tokens per prompt; the number of tokens made."""
+    width = max(len(p.token_ids) for p in prompts)
+    input_ids = torch.tensor([[0] * (width - len(p.token_ids)) + p.token_ids for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                             do_sample=False, pad_token_id=0)
+    return (out.shape[1] - width) * len(prompts)
 
 
 def _throughput_report(backend: str, prompts: list[BenchPrompt], num_output: int, elapsed: float) -> dict[str, Any]:

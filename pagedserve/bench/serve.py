@@ -1,8 +1,11 @@
 """`pagedserve bench serve`: load-test any OpenAI-compatible server (ours, vLLM, llama-server).
 
-Each request streams from /v1/completions; TTFT is the time to the first chunk with tokens, ITL the
-gaps between later chunks, TPOT (E2E - TTFT) / (output tokens - 1), E2E the whole request. Output
-and prompt token counts come from the server's usage report when it sends one.
+Each request streams from /v1/completions or /v1/chat/completions; TTFT is the time to the first
+chunk with tokens, ITL the gaps between later chunks, TPOT (E2E - TTFT) / (output tokens - 1), E2E
+the whole request. Output and prompt token counts come from the server's usage report when it sends
+one. With a JSON schema, a chosen share of the requests carries it (vLLM's
+benchmark_serving_structured_output.py): `response_format` json_schema on chat, vLLM's
+`structured_outputs` on completions.
 """
 from __future__ import annotations
 
@@ -14,10 +17,53 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import numpy as np
 from tqdm.auto import tqdm
 
 from pagedserve.bench.datasets import BenchPrompt
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What every request of one run shares, and how they are sent."""
+
+    base_url: str
+    model: str
+    endpoint: str = "/v1/completions"
+    max_concurrency: int = 1
+    request_rate: float = float("inf")    # requests per second, Poisson arrivals; inf: all at once
+    ignore_eos: bool = False
+    api_key: str | None = None
+    seed: int = 0
+    json_schema: dict[str, Any] | None = None
+    structured_output_ratio: float = 1.0   # the share of requests that carry `json_schema`
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith("/"):
+            raise ValueError(f"endpoint must be a path such as /v1/completions, got {self.endpoint!r}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if not 0.0 <= self.structured_output_ratio <= 1.0:
+            raise ValueError(f"structured_output_ratio must be in [0, 1], got {self.structured_output_ratio}")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("/chat/completions")
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + self.endpoint
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def structured_indices(self, num_prompts: int) -> set[int]:
+        """Which requests carry the schema: `structured_output_ratio` of them, chosen by the seed."""
+        if self.json_schema is None:
+            return set()
+        return set(random.Random(self.seed).sample(range(num_prompts), round(num_prompts * self.structured_output_ratio)))
 
 
 @dataclass
@@ -29,20 +75,56 @@ class RequestResult:
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     error: str = ""
+    is_structured: bool = False
+    finish_reason: str | None = None
+    text: str = ""
 
 
-async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: BenchPrompt, ignore_eos: bool,
-                       headers: dict[str, str]) -> RequestResult:
-    body = {"model": model, "prompt": prompt.text, "max_tokens": prompt.output_len, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    if ignore_eos:
+def request_body(config: LoadConfig, prompt: BenchPrompt, is_structured: bool) -> dict[str, Any]:
+    """The JSON one request sends: greedy, streamed with usage, `output_len` tokens at most."""
+    body: dict[str, Any] = {"model": config.model, "max_tokens": prompt.output_len, "temperature": 0.0,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if config.is_chat:
+        body["messages"] = prompt.messages()
+    else:
+        body["prompt"] = prompt.completion_prompt
+    if config.ignore_eos:
         body["ignore_eos"] = True
-    result = RequestResult(ok=False)
+    if is_structured and config.json_schema is not None:
+        if config.is_chat:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "bench", "schema": config.json_schema, "strict": True}}
+        else:
+            body["structured_outputs"] = {"json": config.json_schema}
+    return body
+
+
+def _chunk_text(choice: dict[str, Any], is_chat: bool) -> str | None:
+    """The text a streamed choice carries, or None when it carries no tokens.
+
+    Completions: every chunk with a choice is a step's tokens, even when its text is empty (a special
+    token, or bytes of a character not yet complete). Chat: the first chunk only announces the role
+    and the last may only carry finish_reason; a chunk counts when it has content, reasoning or tool calls.
+    """
+    if not is_chat:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    parts = [delta.get(key) for key in ("content", "reasoning_content", "reasoning")]
+    if any(parts) or delta.get("tool_calls"):
+        return delta.get("content") or ""
+    return None
+
+
+async def _one_request(client: httpx.AsyncClient, config: LoadConfig, prompt: BenchPrompt,
+                       is_structured: bool = False) -> RequestResult:
+    body = request_body(config, prompt, is_structured)
+    result = RequestResult(ok=False, is_structured=is_structured)
     start = time.perf_counter()
     last = start
     num_chunks = 0
+    pieces: list[str] = []
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
+        async with client.stream("POST", config.url, json=body, headers=config.headers) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
@@ -57,9 +139,12 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
                     result.error = str(chunk["error"])
                     return result
                 now = time.perf_counter()
-                # A chunk with choices carries a step's tokens, even when their text is empty (a special
-                # token, or bytes of a character not yet complete): it counts for TTFT and ITL.
-                if chunk.get("choices"):
+                for choice in chunk.get("choices") or []:
+                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
+                    text = _chunk_text(choice, config.is_chat)
+                    if text is None:
+                        continue
+                    pieces.append(text)
                     if num_chunks == 0:
                         result.ttft = now - start
                     else:
@@ -74,6 +159,7 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
         result.error = f"{type(error).__name__}: {error}"
         return result
     result.e2e = time.perf_counter() - start
+    result.text = "".join(pieces)
     result.output_tokens = result.output_tokens or num_chunks
     result.prompt_tokens = result.prompt_tokens or len(prompt.token_ids)
     result.ok = num_chunks > 0
@@ -82,81 +168,33 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
     return result
 
 
-async def run_load(base_url: str, model: str, prompts: list[BenchPrompt], max_concurrency: int,
-                   request_rate: float, ignore_eos: bool, api_key: str | None, seed: int,
-                   show_progress: bool = True) -> tuple[list[RequestResult], float]:
+async def run_load(config: LoadConfig, prompts: list[BenchPrompt], show_progress: bool = True
+                   ) -> tuple[list[RequestResult], float]:
     """Send every prompt, at most `max_concurrency` in flight, arrivals Poisson at `request_rate`/s."""
-    url = base_url.rstrip("/") + "/v1/completions"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    semaphore = asyncio.Semaphore(max_concurrency)
-    rng = random.Random(seed)
+    semaphore = asyncio.Semaphore(config.max_concurrency)
+    rng = random.Random(config.seed)
+    structured = config.structured_indices(len(prompts))
     progress = tqdm(total=len(prompts), desc="Requests", disable=not show_progress)
-    limits = httpx.Limits(max_connections=max_concurrency + 4, max_keepalive_connections=max_concurrency + 4)
+    num_connections = config.max_concurrency + 4
+    limits = httpx.Limits(max_connections=num_connections, max_keepalive_connections=num_connections)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
-        async def limited(prompt: BenchPrompt) -> RequestResult:
+        async def limited(index: int, prompt: BenchPrompt) -> RequestResult:
             async with semaphore:
-                result = await _one_request(client, url, model, prompt, ignore_eos, headers)
+                result = await _one_request(client, config, prompt, index in structured)
                 progress.update(1)
                 return result
 
         start = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(limited(prompt)))
-            if request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(request_rate))
+        for index, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(limited(index, prompt)))
+            if config.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(config.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     progress.close()
     return results, duration
-
-
-def summarize(results: list[RequestResult], duration: float, max_concurrency: int, request_rate: float
-              ) -> dict[str, Any]:
-    """The report: throughputs, and mean/median/p99 of TTFT, TPOT, ITL and E2E in milliseconds."""
-    done = [r for r in results if r.ok]
-    report: dict[str, Any] = {
-        "completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
-        "max_concurrency": max_concurrency, "request_rate": request_rate,
-        "total_input_tokens": sum(r.prompt_tokens for r in done),
-        "total_output_tokens": sum(r.output_tokens for r in done),
-    }
-    report["request_throughput"] = len(done) / duration
-    report["output_throughput"] = report["total_output_tokens"] / duration
-    report["total_token_throughput"] = (report["total_input_tokens"] + report["total_output_tokens"]) / duration
-    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
-    series = {"ttft": [r.ttft for r in done], "tpot": tpots, "itl": [g for r in done for g in r.itls],
-              "e2el": [r.e2e for r in done]}
-    for name, values in series.items():
-        values_ms = np.array(values or [0.0]) * 1000
-        report[f"mean_{name}_ms"] = float(values_ms.mean())
-        report[f"median_{name}_ms"] = float(np.median(values_ms))
-        report[f"p99_{name}_ms"] = float(np.percentile(values_ms, 99))
-    report["errors"] = sorted({r.error for r in results if not r.ok})[:5]
-    return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lines = [
-        f"{'Successful requests:':<34}{report['completed']}",
-        f"{'Failed requests:':<34}{report['failed']}",
-        f"{'Maximum concurrency:':<34}{report['max_concurrency']}",
-        f"{'Benchmark duration (s):':<34}{report['duration_s']:.2f}",
-        f"{'Total input tokens:':<34}{report['total_input_tokens']}",
-        f"{'Total generated tokens:':<34}{report['total_output_tokens']}",
-        f"{'Request throughput (req/s):':<34}{report['request_throughput']:.2f}",
-        f"{'Output token throughput (tok/s):':<34}{report['output_throughput']:.2f}",
-        f"{'Total token throughput (tok/s):':<34}{report['total_token_throughput']:.2f}",
-    ]
-    for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
-                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
-        lines.append(f"---{title}---")
-        for stat in ("mean", "median", "p99"):
-            lines.append(f"{f'{stat.capitalize()} {name.upper()} (ms):':<34}{report[f'{stat}_{name}_ms']:.2f}")
-    for error in report["errors"]:
-        lines.append(f"error: {error}")
-    return "\n".join(lines)
 
 
 def first_served_model(base_url: str, api_key: str | None) -> str:
@@ -164,9 +202,3 @@ def first_served_model(base_url: str, api_key: str | None) -> str:
     response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
     response.raise_for_status()
     return response.json()["data"][0]["id"]
-
-
-def save_report(report: dict[str, Any], path: str, config: dict[str, Any]) -> None:
-    with open(path, "w") as file:
-        json.dump({**config, **report}, file, indent=2)
-

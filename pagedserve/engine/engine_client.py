@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Protocol, TypeVar
@@ -169,10 +170,13 @@ class EngineClient:
             self._num_preparing -= 1
 
     async def embed(self, prompt: str | list[int], params: PoolingParams, request_id: str,
-                    truncate: int | None = None, keep_end: bool = False) -> RequestStream:
-        """Check and queue one embedding request; its one output (with `embedding`) arrives on the stream.
-        Raises ValueError (nothing queued) for a request the model cannot serve."""
-        request = await self._run(self._processor.process_pooling, request_id, prompt, params, truncate, keep_end)
+                    truncate: int | None = None, keep_end: bool = False, lora_name: str | None = None
+                    ) -> RequestStream:
+        """Check and queue one embedding request (`lora_name`: pooled through that loaded adapter); its one
+        output (with `embedding`) arrives on the stream. Raises ValueError (nothing queued) for a request
+        the model cannot serve."""
+        process = functools.partial(self._processor.process_pooling, lora_name=lora_name)
+        request = await self._run(process, request_id, prompt, params, truncate, keep_end)
         return await self._core.add_request(request)
 
     @property

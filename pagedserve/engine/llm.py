@@ -49,12 +49,7 @@ class LLM:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _params_per_prompt(sampling_params, len(prompt_list))
-        loras = list(lora_request) if isinstance(lora_request, SequenceOf) else [lora_request] * len(prompt_list)
-        if len(loras) != len(prompt_list):
-            raise ValueError(f"got {len(loras)} lora requests for {len(prompt_list)} prompts")
-        for lora in loras:
-            if lora is not None:
-                self._ensure_lora(lora)
+        loras = self._loras_per_prompt(lora_request, len(prompt_list))
         # NOTE: every prompt is checked before any is queued, so a bad one leaves nothing behind.
         requests = []
         for prompt, params, lora in zip(prompt_list, params_list, loras):
@@ -65,6 +60,17 @@ class LLM:
         for request in requests:
             self.engine.add_request(request)
         return self._run([request.request_id for request in requests], use_tqdm)
+
+    def _loras_per_prompt(self, lora_request: LoRARequest | SequenceOf[LoRARequest | None] | None,
+                          num_prompts: int) -> list[LoRARequest | None]:
+        """One adapter (or None) per prompt, each loaded if it is not yet."""
+        loras = list(lora_request) if isinstance(lora_request, SequenceOf) else [lora_request] * num_prompts
+        if len(loras) != num_prompts:
+            raise ValueError(f"got {len(loras)} lora requests for {num_prompts} prompts")
+        for lora in loras:
+            if lora is not None:
+                self._ensure_lora(lora)
+        return loras
 
     def _ensure_lora(self, lora: LoRARequest) -> None:
         loaded = {adapter.name: adapter for adapter in self.engine.list_loras()}
@@ -87,16 +93,18 @@ class LLM:
 
     def embed(self, prompts: str | list[int] | list[str] | list[list[int]],
               pooling_params: PoolingParams | None = None, *, truncate_prompt_tokens: int | None = None,
-              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+              use_tqdm: bool = False, lora_request: LoRARequest | SequenceOf[LoRARequest | None] | None = None
+              ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (text or token ids), pooled as the model's config says; needs a model
-        served for embeddings (an encoder, or runner="pooling")."""
+        served for embeddings (an encoder, or runner="pooling"). `lora_request` as for `generate`."""
         prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
             else list(prompts)
         params = pooling_params or PoolingParams()
         requests = []
-        for prompt in prompt_list:
+        for prompt, lora in zip(prompt_list, self._loras_per_prompt(lora_request, len(prompt_list))):
             requests.append(self.processor.process_pooling(str(self._next_id), prompt, params,
-                                                           truncate_prompt_tokens, keep_end=True))
+                                                           truncate_prompt_tokens, keep_end=True,
+                                                           lora_name=lora.lora_name if lora is not None else None))
             self._next_id += 1
         for request in requests:
             self.engine.add_request(request)

@@ -194,8 +194,10 @@ class LLMEngine:
 
     def _add_pooling_request(self, request: EngineRequest, pooling: PoolingParams) -> None:
         """One sequence that runs its prompt and ends; no detokenizer, nothing sampled."""
+        adapter = self._adapter(request.lora_name)
         seq = Sequence(request.request_id, request.prompt_token_ids, request.params, request.max_tokens,
-                       arrival_time=request.arrival_time, is_pooling=True)
+                       arrival_time=request.arrival_time, is_pooling=True, lora_slot=adapter.slot if adapter else 0,
+                       lora_key=adapter.cache_key if adapter else 0)
         self._requests[request.request_id] = _Request(
             request.request_id, request.prompt, request.prompt_token_ids, request.params, [seq], [],
             RequestMetrics(request.arrival_time), None, [0], pooling)

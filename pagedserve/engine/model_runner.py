@@ -185,7 +185,7 @@ class ModelRunner:
         assert self.pooler is not None, "pooling requests reached a model without a pooler"
         self.sampler.forget(plan.finished_seq_ids)
         inputs = self._prepare_inputs(plan)
-        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels)):
+        with forward_context(ForwardContext(inputs.metadata, self.use_cpu_kernels, _lora_batch(plan, self.device))):
             hidden_states = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden_size]
         rows, query_start = [], 0
         for chunk in plan.chunks:

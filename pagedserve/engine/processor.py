@@ -240,7 +240,7 @@ class InputProcessor:
 
     def process_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams,
                         truncate: int | None = None, keep_end: bool = False, add_special_tokens: bool = True,
-                        arrival_time: float | None = None) -> EngineRequest:
+                        arrival_time: float | None = None, lora_name: str | None = None) -> EngineRequest:
         """Tokenize and check one embedding request. `truncate`: at most that many tokens (-1: the context
         length); text is cut by the tokenizer, which keeps its closing special token, unless `keep_end`
         (vLLM's truncate_prompt_tokens: the last tokens). Raises ValueError for anything the engine could
@@ -273,7 +273,8 @@ class InputProcessor:
                              f"reduce the length of the input.")
         return EngineRequest(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                              SamplingParams(max_tokens=1, output_kind=OutputKind.FINAL_ONLY), 1,
-                             time.time() if arrival_time is None else arrival_time, pooling=params)
+                             time.time() if arrival_time is None else arrival_time, pooling=params,
+                             lora_name=lora_name)
 
     def _check_dimensions(self, params: PoolingParams, pooler: PoolerConfig) -> None:
         if params.dimensions is None:

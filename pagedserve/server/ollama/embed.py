@@ -65,7 +65,8 @@ async def embed(request: Request) -> Response:
             # truncate (the default): cut each input at the context, keeping the tokenizer's end token
             limit = (body.context_limit(model) or -1) if body.truncate else None
             finals = await embed_inputs(state, request, model, random_id("embed"), inputs,
-                                        PoolingParams(dimensions=body.dimensions, normalize=True), limit)
+                                        PoolingParams(dimensions=body.dimensions, normalize=True), limit,
+                                        lora_name=state.lora_name(body.model or body.name))
             if finals is None:
                 return Response(status_code=499)
         return JSONResponse({"model": body.model or body.name, "embeddings": [output.embedding for output in finals],
@@ -87,7 +88,8 @@ async def embeddings(request: Request) -> Response:
         if not body.prompt:
             return JSONResponse({"embedding": []})
         finals = await embed_inputs(state, request, model, random_id("embeddings"), [body.prompt],
-                                    PoolingParams(normalize=False), body.context_limit(model) or -1)
+                                    PoolingParams(normalize=False), body.context_limit(model) or -1,
+                                    lora_name=state.lora_name(body.model or body.name))
         if finals is None:
             return Response(status_code=499)
         return JSONResponse({"embedding": finals[0].embedding})

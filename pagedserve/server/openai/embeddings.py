@@ -55,14 +55,16 @@ class EmbeddingRequest(OpenAIModel):
 
 async def embed_inputs(state: ServerState, request: Request, model: ServedModel, request_id: str,
                        inputs: list[str | list[int]], params: PoolingParams, truncate: int | None = None,
-                       keep_end: bool = False) -> list[RequestOutput] | None:
-    """Queue every input, then wait for all; None when the client left first. Raises ValueError /
-    APIError (nothing left queued) for an input the model cannot take."""
+                       keep_end: bool = False, lora_name: str | None = None) -> list[RequestOutput] | None:
+    """Queue every input (pooled through the LoRA adapter `lora_name`, if given), then wait for all; None
+    when the client left first. Raises ValueError / APIError (nothing left queued) for an input the model
+    cannot take."""
     client = model.engine
     streams = []
     try:
         for index, prompt in enumerate(inputs):
-            streams.append(await client.embed(prompt, params, f"{request_id}-{index}", truncate, keep_end))
+            streams.append(await client.embed(prompt, params, f"{request_id}-{index}", truncate, keep_end,
+                                              lora_name))
     except BaseException:
         for stream in streams:
             stream.abort()
@@ -78,12 +80,13 @@ async def create_embedding(body: EmbeddingRequest, request: Request, state: Serv
                            model: ServedModel) -> Response:
     inputs = body.inputs()
     if not model.engine.is_embedding_model:
+        # NOTE: also for a LoRA adapter's name: an adapter changes a model's weights, not what it is served for
         raise APIError("The model does not support Embeddings API", param="model")
     request_id = random_id("embd")
     # NOTE: vLLM's truncate_prompt_tokens keeps the last tokens of the input
     finals = await embed_inputs(state, request, model, request_id, inputs,
                                 PoolingParams(dimensions=body.dimensions, normalize=body.normalize),
-                                body.truncate_prompt_tokens, keep_end=True)
+                                body.truncate_prompt_tokens, keep_end=True, lora_name=state.lora_name(body.model))
     if finals is None:
         return Response(status_code=499)   # the client is gone; nobody reads this
     data = [{"index": index, "object": "embedding", "embedding": _encode(output.embedding or [], body.encoding_format)}

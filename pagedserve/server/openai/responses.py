@@ -203,7 +203,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
     prompt = await client.render_chat(messages, ChatOptions())
     run = _Run(body, body.model or model.name, len(prompt.token_ids), prompt.text, state.server_config.reasoning_parser)
     state.log_received(run.response_id, prompt.text, params)
-    stream = await client.generate(prompt.token_ids, params, run.response_id)
+    stream = await client.generate(prompt.token_ids, params, run.response_id, lora_name=state.lora_name(body.model))
     tracker = state.track(model, [stream])
     if body.stream:
         return EventStreamResponse(_stream(run, stream, state, tracker), on_close=tracker.close)
