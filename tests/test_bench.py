@@ -294,7 +294,7 @@ def test_moe_decode_latency_on_both_backends(backend, small_moe, tmp_path):
     assert report["backend"] == {"pagedserve": "pagedserve", "hf": "transformers"}[backend]
     assert report["batch_size"] == 4 and report["output_len"] == 6 and report["iterations"] == 1
     assert report["median_latency_s"] > 0 and report["median_prefill_s"] > 0
-    assert report["decode_tokens_per_s"] > 0
+    assert report["decode_tokens_per_s"] > 0 and report["dtype"] == "float32"   # both backends as asked
 
 
 @pytest.mark.parametrize("backend", ["pagedserve", "st"])
