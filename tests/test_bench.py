@@ -193,6 +193,20 @@ def _shape(*flags: str) -> dict:
     return _dataset_shape(build_parser().parse_args(["bench", "serve", *flags]))
 
 
+def _endpoint(*flags: str) -> str:
+    from pagedserve.cli.bench import _endpoint_for
+
+    return _endpoint_for(build_parser().parse_args(["bench", "serve", *flags]))
+
+
+def test_endpoint_from_flag_backend_or_dataset():
+    assert _endpoint() == "/v1/completions"
+    assert _endpoint("--dataset", "shared-prefix") == "/v1/chat/completions"
+    assert _endpoint("--backend", "openai-chat") == "/v1/chat/completions"           # vLLM's spelling
+    assert _endpoint("--backend", "vllm", "--dataset", "shared-prefix") == "/v1/completions"
+    assert _endpoint("--backend", "openai-chat", "--endpoint", "/v1/completions") == "/v1/completions"
+
+
 def test_dataset_defaults_and_flags():
     assert _shape() == {"num_prompts": 32, "input_len": 128, "output_len": 128, "prefix_len": 0}
     assert _shape("--dataset", "long-prompt") == {"num_prompts": 8, "input_len": 1500, "output_len": 16,
