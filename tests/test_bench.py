@@ -193,6 +193,20 @@ def _shape(*flags: str) -> dict:
     return _dataset_shape(build_parser().parse_args(["bench", "serve", *flags]))
 
 
+def _endpoint(*flags: str) -> str:
+    from pagedserve.cli.bench import _endpoint_for
+
+    return _endpoint_for(build_parser().parse_args(["bench", "serve", *flags]))
+
+
+def test_endpoint_from_flag_backend_or_dataset():
+    assert _endpoint() == "/v1/completions"
+    assert _endpoint("--dataset", "shared-prefix") == "/v1/chat/completions"
+    assert _endpoint("--backend", "openai-chat") == "/v1/chat/completions"           # vLLM's spelling
+    assert _endpoint("--backend", "vllm", "--dataset", "shared-prefix") == "/v1/completions"
+    assert _endpoint("--backend", "openai-chat", "--endpoint", "/v1/completions") == "/v1/completions"
+
+
 def test_dataset_defaults_and_flags():
     assert _shape() == {"num_prompts": 32, "input_len": 128, "output_len": 128, "prefix_len": 0}
     assert _shape("--dataset", "long-prompt") == {"num_prompts": 8, "input_len": 1500, "output_len": 16,
@@ -294,7 +308,7 @@ def test_moe_decode_latency_on_both_backends(backend, small_moe, tmp_path):
     assert report["backend"] == {"pagedserve": "pagedserve", "hf": "transformers"}[backend]
     assert report["batch_size"] == 4 and report["output_len"] == 6 and report["iterations"] == 1
     assert report["median_latency_s"] > 0 and report["median_prefill_s"] > 0
-    assert report["decode_tokens_per_s"] > 0
+    assert report["decode_tokens_per_s"] > 0 and report["dtype"] == "float32"   # both backends as asked
 
 
 @pytest.mark.parametrize("backend", ["pagedserve", "st"])
@@ -309,3 +323,27 @@ def test_embed_bench_on_minilm(backend, tmp_path):
     assert report["backend"] == {"pagedserve": "pagedserve", "st": "sentence-transformers"}[backend]
     assert report["num_texts"] == 8 and report["dtype"] == "float32"
     assert report["embeddings_per_s"] > 0 and report["input_tokens"] >= 8 * 16
+
+
+def test_compare_table_has_a_column_per_workload():
+    """bench/compare.py's table: random at each concurrency, the long prompt's and the shared prefix's TTFT."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    options, servers = compare.parse_servers(["--concurrency", "1", "16", "--server", "a", "--", "srv", "--port", "1",
+                                              "--server", "b", "--", "other", "--port=2"])
+    assert options == ["--concurrency", "1", "16"]
+    assert servers == [("a", ["srv", "--port", "1"]), ("b", ["other", "--port=2"])]
+    args = argparse.Namespace(concurrency=[1, 16], workloads=["random", "long-prompt", "shared-prefix"],
+                              long_prompt_len=1500, shared_prefix_concurrency=16)
+    run = {"output_throughput": 50.0, "median_ttft_ms": 120.0, "median_tpot_ms": 11.5}
+    rows = [{"name": "a", "random": {1: run, 16: run}, "long-prompt": {**run, "median_ttft_ms": 900.0},
+             "shared-prefix": {**run, "median_ttft_ms": 300.0}, "ready_s": 5.0, "peak_rss_gib": 1.25},
+            {"name": "b", "error": "not ready"}]
+    lines = compare.table(rows, args).splitlines()
+    assert "TTFT 1500-tok prompt med (ms)" in lines[0] and "shared-prefix TTFT med @16 (ms)" in lines[0]
+    assert lines[2] == "| a | 50.0 | 50.0 | 120 | 120 | 11.5 | 11.5 | 900 | 300 | 5.0 | 1.25 |"
+    assert lines[3].count("–") == 10                 # a server that never got ready: every cell empty

@@ -57,7 +57,7 @@ def pagedserve_latency(config: EngineConfig, batches: list[list[BenchPrompt]]) -
         llm.generate([p.token_ids for p in prompts], params)
         return time.perf_counter() - start
 
-    return _latency_report("pagedserve", batches, run)
+    return {**_latency_report("pagedserve", batches, run), "dtype": str(llm.engine.platform.dtype).removeprefix("torch.")}
 
 
 def hf_latency(config: EngineConfig, batches: list[list[BenchPrompt]]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def hf_latency(config: EngineConfig, batches: list[list[BenchPrompt]]) -> dict[s
         _hf_generate(model, device, prompts, max_tokens)
         return time.perf_counter() - start
 
-    return _latency_report("transformers", batches, run)
+    return {**_latency_report("transformers", batches, run), "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def _latency_report(backend: str, batches: list[list[BenchPrompt]], run) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def _latency_report(backend: str, batches: list[list[BenchPrompt]], run) -> dict
             "output_len": output_len, "iterations": len(latencies),
             "avg_latency_s": float(latencies_t.mean()), "median_latency_s": float(latencies_t.median()),
             "p99_latency_s": float(torch.quantile(latencies_t, 0.99)),
-            "median_prefill_s": float(prefills_t.median()),
+            "median_prefill_s": float(prefills_t.median()), "num_threads": torch.get_num_threads(),
             "decode_tokens_per_s": batch_size * (output_len - 1) / decode_s if decode_s > 0 else 0.0}
 
 

@@ -14,6 +14,7 @@ from pagedserve.config import DEFAULT_MODEL
 logger = logging.getLogger(__name__)
 
 _OFFLINE_DATASETS = ("random", "long-prompt")   # token ids only: no system message offline
+_BACKEND_ENDPOINTS = {"vllm": "/v1/completions", "openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 
 
 def add_bench_parser(commands: argparse._SubParsersAction, add_engine_flags) -> None:
@@ -23,7 +24,11 @@ def add_bench_parser(commands: argparse._SubParsersAction, add_engine_flags) -> 
     serve = kinds.add_parser("serve", help="load-test an OpenAI-compatible server over HTTP")
     serve.add_argument("--base-url", "--base_url", dest="base_url", default="http://127.0.0.1:8000")
     serve.add_argument("--endpoint", default=None,
-                       help="/v1/completions or /v1/chat/completions (default: the dataset's; shared-prefix: chat)")
+                       help="/v1/completions or /v1/chat/completions (default: the backend's, else the dataset's: "
+                            "shared-prefix chat, the others completions)")
+    serve.add_argument("--backend", choices=("vllm", "openai", "openai-chat"), default=None,
+                       help="vLLM's spelling of the API: openai-chat sends to /v1/chat/completions, vllm and openai to "
+                            "/v1/completions (--endpoint wins)")
     serve.add_argument("--model", default=None, help="model name to request (default: the server's first)")
     serve.add_argument("--tokenizer", default=None,
                        help="tokenizer for building prompts (default: --model if it resolves, else the default model)")
@@ -94,6 +99,11 @@ def _dataset_shape(args: argparse.Namespace) -> dict[str, Any]:
             for name in ("num_prompts", "input_len", "output_len", "prefix_len")}
 
 
+def _endpoint_for(args: argparse.Namespace) -> str:
+    """--endpoint, else the one --backend names, else the dataset's."""
+    return args.endpoint or _BACKEND_ENDPOINTS.get(args.backend) or DATASETS[args.dataset].endpoint
+
+
 def _tokenizer_for(name: str | None):
     from pagedserve.loader.source import resolve_model
     from pagedserve.loader.tokenizer import load_tokenizer
@@ -129,7 +139,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = args.model or first_served_model(args.base_url, args.api_key)
     try:
         config = LoadConfig(base_url=args.base_url, model=model,
-                            endpoint=args.endpoint or DATASETS[args.dataset].endpoint,
+                            endpoint=_endpoint_for(args),
                             max_concurrency=args.max_concurrency, request_rate=args.request_rate,
                             ignore_eos=args.ignore_eos, api_key=args.api_key, seed=args.seed, json_schema=schema,
                             structured_output_ratio=args.structured_output_ratio)
