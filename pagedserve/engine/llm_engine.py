@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # GEMMs near full speed, and smaller steps interleave waiting prompts with running decodes sooner:
 # the median time to first token under load drops and decodes stall less behind long prompts.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+POOLING_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 @dataclass
@@ -136,6 +137,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching and not whole_prompts)
         budget = config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.platform.device.type, 2048)
+        if whole_prompts and config.max_num_batched_tokens is None:
+            # NOTE: whole prompts without decodes: a bigger step is fewer, bigger matmuls and nothing waits
+            # behind it for a token, so pooling takes as many texts per step as this allows.
+            budget = max(budget, POOLING_MAX_NUM_BATCHED_TOKENS)
         if whole_prompts and budget < self.max_model_len:
             logger.info("max_num_batched_tokens raised from %d to max_model_len %d: prompts of this pooling model "
                         "run whole", budget, self.max_model_len)

@@ -60,6 +60,20 @@ class AttentionMetadata:
             self._masks[key] = visible[:, None, None, :]
         return self._masks[key]
 
+    def padded_prefills(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks as one padded batch: (rows [sum of chunk lengths], the batch rows in chunk
+        order; valid [num_chunks, longest chunk], True where a position holds a token), so an encoder can
+        attend over every prompt of the step in one call instead of one call per prompt."""
+        key = ("padded",)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            starts = torch.tensor([chunk.query_start for chunk in self.prefills], device=device)
+            lengths = torch.tensor([chunk.num_query_tokens for chunk in self.prefills], device=device)
+            offsets = torch.arange(int(lengths.max()), device=device)
+            valid = offsets[None, :] < lengths[:, None]
+            self._masks[key] = ((starts[:, None] + offsets[None, :])[valid], valid)
+        return self._masks[key]
+
     def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
         """[num_query_tokens, context_len] True where a key is visible to a query."""
         key = ("prefill", index, window)

@@ -49,12 +49,19 @@ class BertSelfAttention(nn.Module):
         meta = get_forward_context().attn_metadata
         # A one-token prompt (batched with the decodes) attends only to itself: its output is its value.
         out = v.clone()
-        for chunk in meta.prefills:
-            # NOTE: the scheduler never splits an encoder's prompt, so each chunk is a whole prompt.
-            assert chunk.start == 0, "an encoder prompt was split into chunks"
-            rows = slice(chunk.query_start, chunk.query_start + chunk.num_query_tokens)
-            out[rows] = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1)).transpose(0, 1)
+        # NOTE: the scheduler never splits an encoder's prompt, so each chunk is a whole prompt.
+        assert all(chunk.start == 0 for chunk in meta.prefills), "an encoder prompt was split into chunks"
+        if meta.prefills:
+            # All prompts of the step in one call, padded to the longest: a call per prompt cost a parallel
+            # region each, which dominated steps of many short texts.
+            batch_rows, valid = meta.padded_prefills()
+            padded = [x.new_zeros(*valid.shape, self.num_heads, self.head_dim) for x in (q, k, v)]
+            for dest, x in zip(padded, (q, k, v)):
+                dest[valid] = x[batch_rows]
+            # keys past a prompt's end are masked; queries there are padding and never read back
+            attended = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in padded),
+                                                      attn_mask=valid[:, None, None, :])
+            out[batch_rows] = attended.transpose(1, 2)[valid]
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
