@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import pickle
 import re
 import signal
 
@@ -21,8 +23,10 @@ from server_process import ServerProcess, wait_until
 from pagedserve import LLM, SamplingParams
 from pagedserve.cli.main import serve_configs
 from pagedserve.config import EngineConfig
-from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.async_engine import ACCEPTED, EngineOverloadedError, RequestFailedError
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine
 from pagedserve.engine.router import MAX_EXTRA_LOAD, Router, prefix_hashes
+from pagedserve.server.metrics import EngineMetrics, MetricFamilies
 
 MODEL = "smollm2-135m-instruct"
 NAME = "smollm2"
@@ -64,6 +68,43 @@ def test_the_remembered_prefixes_are_bounded_by_each_replicas_kv_blocks():
     assert all(len(cached) <= 3 for cached in router._cached)
     assert prefix_hashes([1, 2, 3, 4, 5], 2) == prefix_hashes([1, 2, 3, 4, 6], 2)   # only full blocks
     assert prefix_hashes([1, 2, 3, 4], 2)[1] != prefix_hashes([9, 9, 3, 4], 2)[1]   # chained
+
+
+def test_errors_cross_the_pipe_whole():
+    overloaded = pickle.loads(pickle.dumps(EngineOverloadedError("busy", "queue_timeout", retry_after=7)))
+    assert (str(overloaded), overloaded.reason, overloaded.retry_after) == ("busy", "queue_timeout", 7)
+    failed = pickle.loads(pickle.dumps(RequestFailedError("it failed", KeyError("detokenizer"))))
+    assert isinstance(failed, RequestFailedError) and "KeyError" in str(failed.__cause__)
+    assert pickle.loads(pickle.dumps(ACCEPTED)) is ACCEPTED
+
+
+def test_metrics_per_engine_and_the_total_line(caplog, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("pagedserve.server.metrics.time.monotonic", lambda: clock[0])
+    metrics = EngineMetrics("m", log_interval=10.0, families=MetricFamilies(per_engine=True))
+    metrics.on_step(engine_stats(), [], 1)   # each replica reports from its start
+    with caplog.at_level(logging.INFO, logger="pagedserve.server.metrics"):
+        clock[0] += 10
+        metrics.on_step(engine_stats(num_running=2, num_generation_tokens=30), [], 0)
+        metrics.on_step(engine_stats(num_running=1, num_generation_tokens=70), [], 1)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("m engine 0: Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 3.0")
+    assert lines[1].startswith("m engine 1: Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 7.0")
+    assert lines[2].startswith("m total of 2 engines: Avg prompt throughput: 0.0 tokens/s, Avg generation "
+                               "throughput: 10.0 tokens/s, Running: 3 reqs")
+    registry = metrics.registry
+    assert registry.get_sample_value("vllm:generation_tokens_total", {"model_name": "m", "engine": "1"}) == 70
+    assert registry.get_sample_value("vllm:num_requests_running", {"model_name": "m", "engine": "0"}) == 2
+    metrics.record_aborted(1)
+    assert registry.get_sample_value("vllm:request_success_total",
+                                     {"model_name": "m", "engine": "1", "finished_reason": "abort"}) == 1
+
+
+def engine_stats(**changes) -> EngineStats:
+    values = dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, num_prompt_tokens=0, num_generation_tokens=0,
+                  num_prefix_cache_queries=0, num_prefix_cache_hits=0, num_preemptions=0, num_free_blocks=90,
+                  num_blocks=100)
+    return EngineStats(**{**values, **changes})
 
 
 # ---- configuration --------------------------------------------------------------------------------

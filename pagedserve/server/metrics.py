@@ -217,7 +217,7 @@ class EngineMetrics:
             self._maybe_log_total()
 
     def _maybe_log_total(self) -> None:
-        """The replicas' line summed, once per interval (whichever replica reports first after it)."""
+        """The replicas' line summed, once per interval."""
         with self._lock:
             engines = [series for series in self._engines.values() if series.stats is not None]
             if len(engines) < 2:
@@ -225,7 +225,10 @@ class EngineMetrics:
             now = _Snapshot(max(series.last.time for series in engines),
                             *(sum(getattr(series.last, name) for series in engines) for name in _COUNTED))
             since = self._total_logged
-            if now.time - since.time < (self._log_interval or 0.0):
+            # NOTE: once the interval is up and every replica has reported since the last total, so it sums
+            # fresh numbers (a replica reports each step, and about once a second when idle)
+            if now.time - since.time < (self._log_interval or 0.0) or any(
+                    series.last.time <= since.time for series in engines):
                 return
             self._total_logged = now
             total = _Totals(sum(series.stats.num_running for series in engines),
