@@ -2,10 +2,18 @@
 //
 // The segment: a header (one cache line per rank holding how many rounds it has published), then two
 // banks of world_size slots of slot_bytes. A round is one slot-sized piece of a collective: a rank
-// copies its piece into its slot of bank (round % 2), publishes round + 1 with a release store, and
-// waits (acquire) until every rank has. One barrier per round is enough: a rank writes bank b again in
-// round + 2 only after the barrier of round + 1, which every rank enters only after it has finished
-// reading bank b in this round.
+// copies its piece into its slot of bank (round % 2), publishes round + 1, and waits until every rank
+// has. One barrier per round is enough: a rank writes bank b again in round + 2 only after the barrier
+// of round + 1, which every rank enters only after it has finished reading bank b in this round.
+//
+// Waiting: when a peer has not published yet, the calling thread hands the wait to the communicator's
+// waiter thread, which sleeps on the peer's count as a futex (the peer wakes it when it publishes) and
+// then wakes the caller. Neither spins. Both choices were measured on a loaded 2-vCPU KVM guest (Linux
+// 6.18): a compute-and-all-reduce loop took 1.8 ms an iteration this way and 2.5 ms over gloo, but 5.7 ms
+// when the caller first spun 50 us (even 5 us cost 0.5 ms: a PAUSE loop makes the hypervisor take the
+// vCPU away), and 8 ms when the caller slept on the peer's futex itself (it got its core back late after
+// each wake-up, where a thread woken by another thread of its own process, as gloo wakes its callers, ran
+// at once).
 #include "shm_allreduce.h"
 
 #include <ATen/Parallel.h>
@@ -15,22 +23,22 @@
 #include <torch/library.h>
 
 #include <fcntl.h>
-#include <sched.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <climits>
+#include <ctime>
+#include <exception>
 #include <new>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 namespace pagedserve {
 
@@ -38,24 +46,27 @@ namespace {
 constexpr int64_t kMaxRanks = 64;
 constexpr uint64_t kMagic = 0x316c6f636d687370ULL;   // "pshmcol1"
 constexpr int64_t kBlock = 256;                        // elements summed per pass over the slots
-// Waiting: spin this long (a peer in the same step arrives within microseconds), then yield the core,
-// then sleep between looks (a peer this late is busy with something long, and the machine may be shared).
-constexpr std::chrono::microseconds kSpinFor{50};
-constexpr std::chrono::milliseconds kYieldFor{2};
-constexpr std::chrono::microseconds kSleep{50};
-constexpr std::chrono::milliseconds kLivenessInterval{10};
+// A sleeping rank wakes at least this often to see whether its peer is still alive and the time is up.
+constexpr long kSleepNanoseconds = 10 * 1000 * 1000;
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
+// The round counts are 32-bit futex words and wrap (after days of steps): compare by difference.
+inline bool reached(uint32_t rounds, uint32_t target) { return static_cast<int32_t>(rounds - target) >= 0; }
+
+inline void futex_wait(std::atomic<uint32_t>* word, uint32_t seen) {
+  struct timespec timeout {0, kSleepNanoseconds};
+  // NOTE: not FUTEX_PRIVATE: the word is in a mapping shared between processes.
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, seen, &timeout, nullptr, 0);
 }
+
+inline void futex_wake_all(std::atomic<uint32_t>* word) {
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
 }  // namespace
 
 struct alignas(64) ArrivalCount {
-  std::atomic<uint64_t> rounds{0};
+  std::atomic<uint32_t> rounds{0};     // rounds this rank has published (mod 2^32)
+  std::atomic<uint32_t> sleepers{0};   // peers asleep on `rounds`: the publisher wakes them
 };
 
 struct ShmHeader {
@@ -65,7 +76,8 @@ struct ShmHeader {
   ArrivalCount arrivals[kMaxRanks];
 };
 
-static_assert(std::atomic<uint64_t>::is_always_lock_free, "the arrival counts are shared between processes");
+static_assert(std::atomic<uint32_t>::is_always_lock_free && sizeof(std::atomic<uint32_t>) == 4,
+              "the arrival counts are futex words shared between processes");
 constexpr size_t kHeaderBytes = (sizeof(ShmHeader) + 4095) / 4096 * 4096;
 
 ShmCommunicator::ShmCommunicator(std::string name, int64_t rank, int64_t world_size, int64_t slot_bytes,
@@ -122,7 +134,17 @@ ShmCommunicator::ShmCommunicator(std::string name, int64_t rank, int64_t world_s
   }
 }
 
-ShmCommunicator::~ShmCommunicator() { release(); }
+ShmCommunicator::~ShmCommunicator() {
+  if (waiter_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      is_stopping_ = true;
+    }
+    wake_waiter_.notify_one();
+    waiter_.join();
+  }
+  release();
+}
 
 void ShmCommunicator::release() {
   if (base_ != nullptr) ::munmap(base_, mapped_bytes_);
@@ -152,31 +174,70 @@ bool ShmCommunicator::peer_is_alive(int64_t peer) const {
   return probe.l_type != F_UNLCK;
 }
 
-void ShmCommunicator::wait_for(int64_t peer, uint64_t target) {
-  const std::atomic<uint64_t>& rounds = header_->arrivals[peer].rounds;
-  if (rounds.load(std::memory_order_acquire) >= target) return;
+bool ShmCommunicator::all_arrived(uint32_t target) const {
+  for (int64_t peer = 0; peer < world_size_; ++peer) {
+    if (!reached(header_->arrivals[peer].rounds.load(std::memory_order_acquire), target)) return false;
+  }
+  return true;
+}
+
+void ShmCommunicator::wait_for_all(uint32_t target) {
+  if (all_arrived(target)) return;
+  if (!waiter_.joinable()) {
+    // NOTE: started by the thread that runs the model, at its first long wait, so it has that thread's cores
+    waiter_ = std::thread([this] { waiter_loop(); });
+  }
+  std::unique_lock<std::mutex> lock(mutex_);
+  request_ = target;
+  has_request_ = true;
+  wake_waiter_.notify_one();
+  request_done_.wait(lock, [this] { return !has_request_; });
+  if (waiter_error_) {
+    std::exception_ptr error = waiter_error_;
+    waiter_error_ = nullptr;
+    std::rethrow_exception(error);
+  }
+}
+
+void ShmCommunicator::waiter_loop() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    wake_waiter_.wait(lock, [this] { return has_request_ || is_stopping_; });
+    if (is_stopping_) return;
+    const uint32_t target = request_;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      for (int64_t peer = 0; peer < world_size_; ++peer) {
+        if (peer != rank_) wait_for(peer, target);
+      }
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    waiter_error_ = error;
+    has_request_ = false;
+    request_done_.notify_one();
+  }
+}
+
+void ShmCommunicator::wait_for(int64_t peer, uint32_t target) {
+  ArrivalCount& arrival = header_->arrivals[peer];
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  auto next_check = start + kLivenessInterval;
   for (;;) {
-    for (int i = 0; i < 64; ++i) {
-      if (rounds.load(std::memory_order_acquire) >= target) return;
-      cpu_relax();
-    }
-    const auto now = Clock::now();
-    const auto waited = now - start;
-    if (waited >= kYieldFor) {
-      std::this_thread::sleep_for(kSleep);
-    } else if (waited >= kSpinFor) {
-      ::sched_yield();
-    }
-    if (now >= next_check) {
-      TORCH_CHECK(peer_is_alive(peer), "shared-memory collective: rank ", peer, " of the tensor-parallel group has "
-                  "exited");
-      TORCH_CHECK(waited < timeout_, "shared-memory collective: waited ", timeout_.count(), " s for rank ", peer,
-                  " of the tensor-parallel group");
-      next_check = now + kLivenessInterval;
-    }
+    // NOTE: seq_cst on both sides (our sleepers++ then rounds load, the peer's rounds store then sleepers
+    // load): either the peer sees a sleeper and wakes it, or we see its new count and do not sleep.
+    arrival.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    const uint32_t seen = arrival.rounds.load(std::memory_order_seq_cst);
+    if (!reached(seen, target)) futex_wait(&arrival.rounds, seen);
+    arrival.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    if (reached(arrival.rounds.load(std::memory_order_acquire), target)) return;
+    const auto waited = Clock::now() - start;
+    TORCH_CHECK(peer_is_alive(peer), "shared-memory collective: rank ", peer, " of the tensor-parallel group has "
+                "exited");
+    TORCH_CHECK(waited < timeout_, "shared-memory collective: waited ", timeout_.count(), " s for rank ", peer,
+                " of the tensor-parallel group");
   }
 }
 
@@ -185,12 +246,12 @@ void ShmCommunicator::publish_and_wait(const uint8_t* src, int64_t num_bytes) {
               "out of step");
   const uint64_t round = num_rounds_;
   std::memcpy(slot(round, rank_), src, static_cast<size_t>(num_bytes));
-  header_->arrivals[rank_].rounds.store(round + 1, std::memory_order_release);
+  ArrivalCount& own = header_->arrivals[rank_];
+  own.rounds.store(static_cast<uint32_t>(round + 1), std::memory_order_seq_cst);
+  if (own.sleepers.load(std::memory_order_seq_cst) > 0) futex_wake_all(&own.rounds);
   num_rounds_ = round + 1;
   try {
-    for (int64_t peer = 0; peer < world_size_; ++peer) {
-      if (peer != rank_) wait_for(peer, round + 1);
-    }
+    wait_for_all(static_cast<uint32_t>(round + 1));
   } catch (...) {
     is_broken_ = true;
     throw;

@@ -9,16 +9,20 @@
 //
 // Rank 0 creates the segment (a file in /dev/shm), the others open it by the name rank 0 sends them;
 // once every rank has it mapped, rank 0 unlinks the name, so nothing is left behind whatever happens.
-// A wait never lasts forever: it fails after `timeout_seconds`, or at once when a peer's process is gone
-// (each rank holds a record lock on its own byte of the segment, which the kernel drops at exit).
+// A wait never lasts forever: it fails after `timeout_seconds`, or within 10 ms when a peer's process is
+// gone (each rank holds a record lock on its own byte of the segment, which the kernel drops at exit).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <torch/custom_class.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <string>
+#include <thread>
 
 namespace pagedserve {
 
@@ -42,7 +46,10 @@ class ShmCommunicator : public torch::CustomClassHolder {
  private:
   uint8_t* slot(uint64_t round, int64_t rank) const;
   void publish_and_wait(const uint8_t* src, int64_t num_bytes);
-  void wait_for(int64_t peer, uint64_t target);
+  bool all_arrived(uint32_t target) const;
+  void wait_for_all(uint32_t target);          // hands a wait to the waiter thread
+  void waiter_loop();
+  void wait_for(int64_t peer, uint32_t target);  // sleeps on the peer's count (the waiter thread)
   bool peer_is_alive(int64_t peer) const;
   void release();   // unmap, close, unlink if still linked
 
@@ -58,6 +65,15 @@ class ShmCommunicator : public torch::CustomClassHolder {
   ShmHeader* header_ = nullptr;
   uint64_t num_rounds_ = 0;   // rounds this rank has published (every rank advances in step)
   bool is_broken_ = false;    // a round failed: the ranks are out of step for good
+  // The waiter thread and its hand-off (under mutex_): the caller asks for `request_`, sleeps until done.
+  std::thread waiter_;
+  std::mutex mutex_;
+  std::condition_variable wake_waiter_;
+  std::condition_variable request_done_;
+  uint32_t request_ = 0;
+  bool has_request_ = false;
+  bool is_stopping_ = false;
+  std::exception_ptr waiter_error_;
 };
 
 }  // namespace pagedserve
