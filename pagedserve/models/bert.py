@@ -59,8 +59,8 @@ class BertSelfAttention(nn.Module):
             for dest, x in zip(padded, (q, k, v)):
                 dest[valid] = x[batch_rows]
             # keys past a prompt's end are masked; queries there are padding and never read back
-            attended = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in padded),
-                                                      attn_mask=valid[:, None, None, :])
+            pq, pk, pv = (x.transpose(1, 2) for x in padded)
+            attended = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=valid[:, None, None, :])
             out[batch_rows] = attended.transpose(1, 2)[valid]
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
