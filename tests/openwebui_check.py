@@ -28,10 +28,10 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -88,6 +88,9 @@ def open_webui_env(data_dir: Path, openai_base_url: str) -> dict[str, str]:
         "ENABLE_OTEL": "False",
         # A tiny model may call the tool again after its result; each loop is one more generation.
         "CHAT_RESPONSE_MAX_TOOL_CALL_ITERATIONS": "3",
+        # Open WebUI's "task model params": its title/tags/follow-up requests ask for a JSON object, which
+        # pagedserve then guarantees (without it SmolLM2-135M echoes the follow-up prompt instead of JSON).
+        "TASK_MODEL_PARAMS": json.dumps({"response_format": {"type": "json_object"}}),
     }
 
 
@@ -166,3 +169,132 @@ def chromium(profile_dir: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def chat_in_browser(driver: Any, url: str, shots: Path) -> str:
+    """A new chat with the preset: type the question, send it; returns the chat's id (from the address)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(f"{url}/?models={PRESET_ID}")
+    box = wait_until(lambda: driver.find_elements(By.ID, "chat-input"), what="the chat input", timeout=120)[0]
+    driver.save_screenshot(str(shots / "1-new-chat.png"))
+    # A fresh install greets with "What's New in Open WebUI"; close it as a person would.
+    okay = wait_until(lambda: driver.find_elements(By.XPATH, "//button[contains(., \"Okay, Let's Go!\")]") or [None],
+                      what="the release notes or none", timeout=10)[0]
+    if okay is not None:
+        okay.click()
+        wait_until(lambda: not driver.find_elements(By.XPATH, "//button[contains(., \"Okay, Let's Go!\")]"),
+                   what="the release notes to close")
+    box.click()
+    box.send_keys(QUESTION)
+    box.send_keys(Keys.ENTER)
+    chat_id = wait_until(lambda: "/c/" in driver.current_url and driver.current_url.rsplit("/c/", 1)[1],
+                         what="the chat to be saved", timeout=120)
+    return chat_id
+
+
+def assistant_message(chat: dict[str, Any]) -> dict[str, Any] | None:
+    messages = chat["chat"].get("history", {}).get("messages", {})
+    answers = [m for m in messages.values() if m.get("role") == "assistant"]
+    return answers[-1] if answers else None
+
+
+def chat_completions(proxy: RecordingProxy) -> list[Exchange]:
+    return proxy.recorded("/v1/chat/completions")
+
+
+def describe(exchange: Exchange) -> str:
+    body = exchange.request_json()
+    tools = [t["function"]["name"] for t in body.get("tools") or []]
+    if body.get("stream"):
+        content, calls, finish = "", [], None
+        for event in exchange.response_events():
+            for choice in event.get("choices", []):
+                delta = choice.get("delta", {})
+                content += delta.get("content") or ""
+                calls += [c["function"].get("name") for c in delta.get("tool_calls") or [] if c.get("function", {}).get("name")]
+                finish = choice.get("finish_reason") or finish
+    else:
+        message = exchange.response_json()["choices"][0]["message"]
+        content, finish = message.get("content") or "", exchange.response_json()["choices"][0]["finish_reason"]
+        calls = [c["function"]["name"] for c in message.get("tool_calls") or []]
+    roles = [m["role"] for m in body["messages"]]
+    return (f"  {exchange.status} stream={bool(body.get('stream'))} roles={roles} tools={tools} "
+            f"tool_choice={body.get('tool_choice')} response_format={body.get('response_format')}\n"
+            f"    -> finish_reason={finish} tool_calls={calls} content={content[:300]!r}")
+
+
+def run_checks(api: OpenWebUIApi, proxy: RecordingProxy, chat_id: str, page_text: str) -> list[tuple[str, bool, str]]:
+    chat = api.get(f"/api/v1/chats/{chat_id}")
+    tags = [tag["name"] for tag in api.get(f"/api/v1/chats/{chat_id}/tags")]
+    answer = assistant_message(chat) or {}
+    exchanges = chat_completions(proxy)
+    with_tools = [e for e in exchanges if e.request_json().get("tools")]
+    called = [e for e in with_tools if "tool_calls" in e.response_body.decode(errors="replace")]
+    sent_back = [e for e in exchanges if any(m.get("role") == "tool" for m in e.request_json()["messages"])]
+    follow_ups = answer.get("followUps") or []
+    return [
+        ("the chat request carried the tool in `tools`", bool(with_tools) and all(
+            "get_weather" in [t["function"]["name"] for t in e.request_json()["tools"]] for e in with_tools),
+         f"{len(with_tools)} request(s) with tools"),
+        ("pagedserve answered with tool_calls for get_weather", bool(called), f"{len(called)} answer(s) with tool_calls"),
+        ("Open WebUI sent the tool's result back as a `tool` message", bool(sent_back), f"{len(sent_back)} request(s)"),
+        ("the tool's result shows in the chat", TOOL_RESULT_MARK in page_text, "looked for " + repr(TOOL_RESULT_MARK)),
+        ("the title came from the title task's JSON", chat["title"] not in ("New Chat", QUESTION, ""),
+         f"title {chat['title']!r}"),
+        ("the tags task's JSON gave the chat tags", bool(tags), f"tags {tags}"),
+        ("the follow-up task's JSON gave follow-ups", bool(follow_ups), f"follow-ups {follow_ups}"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--open-webui", required=True, type=lambda p: str(Path(p).resolve()),
+                        help="the open-webui executable of its own venv")
+    parser.add_argument("--screenshots", type=Path, default=None)
+    args = parser.parse_args()
+    shots = args.screenshots or Path(tempfile.mkdtemp(prefix="openwebui-check-"))
+    shots.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess([MODEL, "--api-key", API_KEY, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                            "--kv-cache-space", "0.3"])
+    with ExitStack() as stack:
+        stack.enter_context(server.running())
+        proxy = stack.enter_context(RecordingProxy(server.base_url))
+        url = stack.enter_context(open_webui(args.open_webui, proxy.base_url + "/v1", shots / "open-webui.log"))
+        print(f"pagedserve {server.base_url}, recording proxy {proxy.base_url}, Open WebUI {url}", flush=True)
+        api = OpenWebUIApi(url)
+        api.add_weather_tool_and_preset()
+        driver = stack.enter_context(chromium(shots / "profile"))
+        chat_id = chat_in_browser(driver, url, shots)
+        print(f"chat {chat_id} sent: {QUESTION!r}", flush=True)
+
+        def settled() -> bool:
+            chat = api.get(f"/api/v1/chats/{chat_id}")
+            answer = assistant_message(chat)
+            done = bool(answer and answer.get("done"))
+            tasks = [e for e in chat_completions(proxy) if not e.request_json().get("stream")]
+            return done and len(tasks) >= 3 and chat["title"] != "New Chat"
+
+        try:
+            wait_until(settled, what="the answer and the title, tags and follow-up tasks", timeout=ANSWER_SECONDS,
+                       interval=2)
+        except AssertionError as error:
+            print(f"NOTE: {error}", flush=True)
+        driver.save_screenshot(str(shots / "2-answer.png"))
+        page_text = driver.execute_script("return document.body.innerText")
+        print("requests Open WebUI sent to pagedserve:")
+        for exchange in chat_completions(proxy):
+            print(describe(exchange))
+        checks = run_checks(api, proxy, chat_id, page_text)
+        server.check_log()
+    for what, passed, detail in checks:
+        print(f"{'PASS' if passed else 'FAIL'}  {what}  ({detail})")
+    print(f"screenshots and Open WebUI's log in {shots}")
+    failed = sum(not passed for _, passed, _ in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import uvicorn
@@ -56,7 +56,7 @@ class RecordingProxy:
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._client: httpx.AsyncClient | None = None
 
-    def __enter__(self) -> RecordingProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         wait_until(lambda: self._server.started, what="the recording proxy to listen")
         return self
