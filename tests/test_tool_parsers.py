@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pagedserve.config.server import TOOL_CALL_PARSERS
-from pagedserve.server.tool_parsers import (TOOL_PARSERS, JsonListParser, NamedToolParser, ToolCallStream,
-                                            make_parser, parse_tool_calls)
+from pagedserve.server.tool_parsers import (TOOL_PARSERS, GenericJsonParser, JsonListParser, NamedToolParser,
+                                            ToolCallStream, ToolParser, make_parser, parse_tool_calls)
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 
@@ -39,7 +39,20 @@ RECORDED = [
     ("pythonic", '[get_weather(city="Paris", unit="celsius"), get_time(tz="UTC")]',
      None, [("get_weather", WEATHER), ("get_time", {"tz": "UTC"})]),
     ("pythonic", "[not a call list", "[not a call list", []),
+    # the generic format (a template without tools): the grammar makes the answer one of these objects
+    ("generic", '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+                '{"name": "get_time", "arguments": {"tz": "UTC"}}]}',
+     None, [("get_weather", WEATHER), ("get_time", {"tz": "UTC"})]),
+    ("generic", '{ "tool_call" : {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}} }',
+     None, [("get_weather", WEATHER)]),
+    ("generic", '{"response": "It is \\"sunny\\"\\nin Paris \\u00e9\\ud83d\\ude00 \\\\o/"}',
+     'It is "sunny"\nin Paris \u00e9\U0001f600 \\o/', []),
+    ("generic", '{"response": {"city": "Paris", "tags": ["a}"]}}', '{"city": "Paris", "tags": ["a}"]}', []),
+    ("generic", '{"response": 42}', "42", []),
+    ("generic", '{"response": "cut short by max_tok', "cut short by max_tok", []),
+    ("generic", "no JSON at all", "no JSON at all", []),
 ]
+PARSERS: dict[str, type[ToolParser]] = {**TOOL_PARSERS, "generic": GenericJsonParser}
 
 
 def test_every_parser_flag_has_a_parser():
@@ -48,7 +61,7 @@ def test_every_parser_flag_has_a_parser():
 
 @pytest.mark.parametrize("parser_name, output, content, expected", RECORDED)
 def test_whole_outputs(parser_name, output, content, expected):
-    got_content, calls = parse_tool_calls(make_parser(parser_name), output)
+    got_content, calls = parse_tool_calls(PARSERS[parser_name](), output)
     assert got_content == content
     assert [(call.name, json.loads(call.arguments)) for call in calls] == expected
     assert len({call.id for call in calls}) == len(calls)
@@ -75,10 +88,10 @@ def stream(parser, pieces: list[str]) -> tuple[str, list[dict]]:
 
 @pytest.mark.parametrize("parser_name, output, content, expected", RECORDED)
 def test_streamed_outputs_split_anywhere_add_up_to_the_whole(parser_name, output, content, expected):
-    whole_content, whole_calls = parse_tool_calls(make_parser(parser_name), output)
+    whole_content, whole_calls = parse_tool_calls(PARSERS[parser_name](), output)
     splits = [[output[:cut], output[cut:]] for cut in range(1, len(output))] + [list(output)]
     for pieces in splits:
-        streamed_content, streamed_calls = stream(make_parser(parser_name), pieces)
+        streamed_content, streamed_calls = stream(PARSERS[parser_name](), pieces)
         assert streamed_content.strip() == (whole_content or ""), pieces
         assert [(c["name"], c["arguments"]) for c in streamed_calls] == \
             [(c.name, c.arguments) for c in whole_calls], pieces
@@ -113,10 +126,13 @@ HISTORY = [{"role": "user", "content": "Weather in Paris?"},
 TOOLS_TEMPLATE = "{% for tool in tools %}{{ tool.function.name }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
-def plan(tool_choice=None, template=TOOLS_TEMPLATE, parser="hermes", enabled=True, parallel=None):
+def plan(tool_choice=None, template=TOOLS_TEMPLATE, parser="hermes", enabled=True, parallel=None, requested=None):
     from pagedserve.server.tool_parsers.plan import plan_tools
 
-    return plan_tools(HISTORY, [TOOL], tool_choice, parallel, template, parser, enabled, "m")
+    return plan_tools(HISTORY, [TOOL], tool_choice, parallel, template, parser, enabled, "m", requested)
+
+
+NO_TOOLS_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
 def test_auto_needs_the_flags_as_in_vllm():
@@ -134,14 +150,52 @@ def test_a_template_with_tools_gets_them_and_object_arguments():
     assert type(tools.new_parser()).__name__ == "HermesParser"
 
 
-def test_a_template_without_tools_gets_the_generic_prompt_and_history_as_text():
-    tools = plan(template="{% for m in messages %}{{ m.content }}{% endfor %}", parser="mistral")
-    assert tools.template_tools is None
+def test_a_template_without_tools_gets_the_generic_format_and_history_as_json():
+    import jsonschema
+
+    tools = plan(template=NO_TOOLS_TEMPLATE, parser="mistral")
+    assert tools.template_tools is None and isinstance(tools.new_parser(), GenericJsonParser)
     system = tools.messages[0]
-    assert system["role"] == "system" and "get_weather" in system["content"] and "<tool_call>" in system["content"]
-    assert '"arguments": {"city": "Paris"}' in tools.messages[2]["content"]
-    assert tools.messages[3] == {"role": "user", "content": "<tool_response>\n21 C\n</tool_response>"}
-    assert type(tools.new_parser()).__name__ == "HermesParser"   # the generic prompt's format
+    assert system["role"] == "system" and '"get_weather"' in system["content"]
+    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "<city>"}}]}' in system["content"]
+    assert '{"response": ' in system["content"]
+    assert json.loads(tools.messages[2]["content"]) == {"tool_calls": [{"name": "get_weather",
+                                                                       "arguments": {"city": "Paris"}}]}
+    assert json.loads(tools.messages[3]["content"]) == {"tool_response": {"content": "21 C"}}
+    assert tools.messages[3]["role"] == "user"
+    # the grammar's schema admits exactly a call of a known tool with valid arguments, or a response
+    schema = tools.structured_outputs.json
+    jsonschema.validate({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, schema)
+    jsonschema.validate({"response": "Sunny."}, schema)
+    for wrong in ({"tool_calls": [{"name": "nope", "arguments": {"city": "Paris"}}]},
+                  {"tool_calls": [{"name": "get_weather", "arguments": {}}]}, {"tool_calls": []}, {"response": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
+
+
+def test_generic_required_single_call_named_and_a_json_response_format():
+    import jsonschema
+
+    from pagedserve.sampling_params import SamplingParamsError, StructuredOutputsParams
+
+    one = plan("required", template=NO_TOOLS_TEMPLATE, parallel=False)
+    assert '{"tool_call": {"name": "get_weather"' in one.messages[0]["content"] and '"response"' not in one.messages[0]["content"]
+    jsonschema.validate({"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                        one.structured_outputs.json)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"response": "no"}, one.structured_outputs.json)
+    named = plan({"type": "function", "function": {"name": "get_weather"}}, template=NO_TOOLS_TEMPLATE)
+    assert named.structured_outputs.json == TOOL["function"]["parameters"]
+    answer = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    nested = plan(template=NO_TOOLS_TEMPLATE, requested=StructuredOutputsParams(json=answer))
+    jsonschema.validate({"response": {"n": 3}}, nested.structured_outputs.json)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"response": "three"}, nested.structured_outputs.json)
+    with pytest.raises(SamplingParamsError, match="only a JSON response_format"):
+        plan(template=NO_TOOLS_TEMPLATE, requested=StructuredOutputsParams(regex="a+"))
+    with pytest.raises(SamplingParamsError, match="cannot be combined"):
+        plan("required", requested=StructuredOutputsParams(json=answer))
+    assert plan(requested=StructuredOutputsParams(regex="a+")).structured_outputs.regex == "a+"
 
 
 def test_required_and_named_are_grammars():

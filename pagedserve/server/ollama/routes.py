@@ -68,10 +68,11 @@ async def chat(request: Request) -> Response:
         client = model.engine
         params, num_ctx = sampling_params(body.options, client.sampling_defaults, body.stream,
                                           state.server_config.default_max_tokens or None)
-        params = params.replace(structured_outputs=body.structured_outputs())
         # Ollama reads tool calls out of every answer to a request with tools: tool_choice auto, always on.
         tools = plan_tools(body.messages, body.tools, None, None, client.chat_template,
-                           state.server_config.tool_call_parser or GENERIC_PARSER, True, model.name)
+                           state.server_config.tool_call_parser or GENERIC_PARSER, True, model.name,
+                           body.structured_outputs())
+        params = params.replace(structured_outputs=tools.structured_outputs)
         thinking = think_options(body.think, state.server_config.reasoning_parser, client.chat_template,
                                  body.model or body.name)
         template_kwargs = {**state.server_config.chat_template_kwargs, **(thinking.template_kwargs or {})}

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from pagedserve.engine.processor import ChatOptions
 from pagedserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from pagedserve.sampling_params import OutputKind, SamplingParamsError
+from pagedserve.sampling_params import OutputKind
 from pagedserve.server.errors import sse_error
 from pagedserve.server.openai.logprobs import chat_logprobs, prompt_logprobs
 from pagedserve.server.openai.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -49,12 +49,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     config = state.server_config
     tools = plan_tools(body.messages, body.tools, body.tool_choice, body.parallel_tool_calls,
                        body.chat_template or client.chat_template, config.tool_call_parser,
-                       config.enable_auto_tool_choice, model.name)
-    if tools.structured_outputs is not None:
-        if params.structured_outputs is not None:
-            raise SamplingParamsError("tool_choice", "a required or named tool_choice cannot be combined with "
-                                                     "response_format or structured_outputs")
-        params = params.replace(structured_outputs=tools.structured_outputs)
+                       config.enable_auto_tool_choice, model.name, params.structured_outputs)
+    params = params.replace(structured_outputs=tools.structured_outputs)
     template_kwargs = {**config.chat_template_kwargs, **(body.chat_template_kwargs or {})}
     prompt = await client.render_chat(tools.messages, ChatOptions(
         add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,

@@ -12,10 +12,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.server.tool_parsers.parsers import (TOOL_PARSERS, Extracted, JsonListParser, ParsedCall, PartialCall,
-                                                    ToolParser)
+from pagedserve.server.tool_parsers.parsers import (TOOL_PARSERS, Extracted, GenericJsonParser, JsonListParser, ParsedCall,
+                                                    PartialCall, ToolParser)
 
-__all__ = ["TOOL_PARSERS", "JsonListParser", "NamedToolParser", "ToolCall", "ToolCallStream", "ToolParser",
+__all__ = ["TOOL_PARSERS", "GenericJsonParser", "JsonListParser", "NamedToolParser", "ToolCall", "ToolCallStream", "ToolParser",
            "make_parser", "parse_tool_calls"]
 
 
@@ -76,6 +76,7 @@ class ToolCallStream:
         self.max_calls = max_calls           # parallel_tool_calls false: only the first call
         self.text = ""
         self._num_content_chars = 0
+        self._num_wrapped_chars = 0          # of a format's wrapped content (Extracted.content) sent
         self._region_start: int | None = None
         self.sent: list[_SentCall] = []
         self.calls: list[ToolCall] = []      # complete, in order
@@ -98,6 +99,9 @@ class ToolCallStream:
             delta.content = self.text[self._num_content_chars:start]
             self._num_content_chars = start
         extracted = self.parser.extract(self.text[self._region_start:], is_finished)
+        if extracted.content is not None:
+            delta.content += extracted.content[self._num_wrapped_chars:]
+            self._num_wrapped_chars = max(self._num_wrapped_chars, len(extracted.content))
         for index, call in enumerate(extracted.calls):
             self._send(delta, index, call.name, call.arguments)
             if index == len(self.calls):
@@ -108,7 +112,7 @@ class ToolCallStream:
         if self.max_calls is not None:
             delta.tool_calls = [item for item in delta.tool_calls if item["index"] < self.max_calls]
             self.calls = self.calls[:self.max_calls]
-        if is_finished and not self.sent:
+        if is_finished and not self.sent and extracted.content is None:
             # It looked like a tool call and never became one: it was content after all.
             delta.content += self.text[self._num_content_chars:]
             self._num_content_chars = len(self.text)

@@ -6,6 +6,10 @@ first tool-call marker on. Named as vLLM names them (`--tool-call-parser`):
   mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]  or  [TOOL_CALLS]name[ARGS]{...}
   pythonic     [get_weather(city="Paris"), other(x=1)]  (Llama 3.2/4 style Python call lists)
 
+and, not a flag, the generic format for chat templates without a tools section (llama-server's): a grammar
+makes the whole answer {"tool_calls": [{"name": ..., "arguments": {...}}, ...]}, {"tool_call": {...}} or
+{"response": ...}.
+
 An extract returns the calls complete so far and, for the JSON formats, the call still being written
 (its name once known and its arguments so far), so argument text streams as it is generated.
 """
@@ -39,6 +43,8 @@ class PartialCall:
 class Extracted:
     calls: list[ParsedCall]
     partial: PartialCall | None = None
+    # The answer's content so far when the format wraps it (the generic format's "response"); it only grows.
+    content: str | None = None
 
 
 class ToolParser(ABC):
@@ -163,6 +169,36 @@ class JsonListParser(ToolParser):
                          partial_call(objects.partial))
 
 
+class GenericJsonParser(ToolParser):
+    """The generic format: the whole answer is one JSON object, calls or a response (by grammar)."""
+
+    leading = ("{",)
+
+    def extract(self, region: str, is_finished: bool) -> Extracted:
+        key = _GENERIC_KEY.match(region)
+        if key is None:
+            return Extracted([])
+        rest = region[key.end():]
+        if key.group(1) == "response":
+            if rest.startswith('"'):
+                return Extracted([], content=json_string_prefix(rest[1:]))
+            if rest[:1] in ("{", "["):        # a response schema's object or array: its JSON text as written
+                return Extracted([], content=rest[:json_value_end(rest, 0)])
+            return Extracted([], content=rest.rstrip().removesuffix("}").rstrip() if is_finished else "")
+        if key.group(1) == "tool_calls":
+            if not rest.startswith("["):
+                return Extracted([])
+            objects = json_objects(rest[1:], separators=" \t\r\n,]")
+        else:
+            objects = json_objects(rest, separators=" \t\r\n}")
+        return Extracted([c for c in map(object_call, objects.complete) if c is not None],
+                         partial_call(objects.partial))
+
+
+_GENERIC_KEY = re.compile(r'\{\s*"(tool_calls|tool_call|response)"\s*:\s*')
+_HIGH_SURROGATE = ("d8", "d9", "da", "db")
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser, "pythonic": PythonicParser,
 }
@@ -192,6 +228,29 @@ def json_objects(text: str, separators: str) -> _Objects:
         complete.append(text[position:end])
         position = end
     return _Objects(complete, None)
+
+
+def json_string_prefix(text: str) -> str:
+    """The characters of a JSON string written so far: `text` follows its opening quote; an escape not
+    finished yet (or half of a surrogate pair) waits for the rest."""
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == '"':
+            break
+        if char == "\\":
+            size = 6 if text[index + 1:index + 2] == "u" else 2
+            if size == 6 and text[index + 2:index + 4].lower() in _HIGH_SURROGATE:
+                size = 12
+            if index + size > len(text):
+                break
+            index += size
+        else:
+            index += 1
+    try:
+        return str(json.loads('"' + text[:index] + '"', strict=False))
+    except ValueError:
+        return text[:index]
 
 
 def json_value_end(text: str, start: int) -> int | None:

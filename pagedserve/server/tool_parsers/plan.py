@@ -1,5 +1,8 @@
 """How one chat request with `tools` is served: what reaches the chat template, which grammar (if any)
-forces a call, and which parser reads the calls out of the answer.
+shapes the answer, and which parser reads the calls out of it.
+
+A chat template that renders `tools` gets them as they are (assistant tool_calls' arguments as objects,
+as templates expect), and:
 
   tool_choice auto       the model decides; its text is parsed with --tool-call-parser (vLLM refuses auto
                          without --enable-auto-tool-choice, and so do we)
@@ -8,10 +11,12 @@ forces a call, and which parser reads the calls out of the answer.
                          with parallel_tool_calls false, exactly one
   named function         a grammar makes the answer that function's arguments
 
-A chat template that renders `tools` gets them as they are (assistant tool_calls' arguments as objects,
-as templates expect). One without a tools section (SmolLM2's) would drop them silently; there the tools go
-into a generic system prompt in the hermes format (llama-server's generic format does the same), earlier
-calls and results become text in that format, and the hermes parser reads the answer.
+A template without a tools section (SmolLM2's) would drop them silently. There we do what llama-server's
+generic format does: the tools and the answer's form go into the system message, and a grammar makes the
+answer one JSON object, {"tool_calls": [{"name", "arguments"}, ...]} ({"tool_call": {...}} with
+parallel_tool_calls false) or, unless a call is required, {"response": "..."}; earlier calls and tool
+results become text in that form. A small model that would never write a tool call of its own accord
+still can here, because the grammar offers the call as the answer's first choice.
 """
 from __future__ import annotations
 
@@ -21,15 +26,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pagedserve.sampling_params import SamplingParamsError, StructuredOutputsParams
-from pagedserve.server.tool_parsers import JsonListParser, NamedToolParser, ToolParser, make_parser
+from pagedserve.server.tool_parsers import GenericJsonParser, JsonListParser, NamedToolParser, ToolParser, make_parser
 
 logger = logging.getLogger(__name__)
 
-GENERIC_PARSER = "hermes"
-_GENERIC_PROMPT = (
-    "You can call the following tools. To call one, answer with only a tool call in this format (one per call):\n"
-    "<tool_call>\n{{\"name\": \"<tool name>\", \"arguments\": <a JSON object of its parameters>}}\n</tool_call>\n"
-    "Otherwise, answer normally.\n\nTools:\n{tools}")
+GENERIC_PARSER = "hermes"      # Ollama's parser when the template renders tools and no flag names one
+# NOTE: with a concrete example (the first tool's name and parameters) small models pick the call form far
+# more often when a request needs it than with an abstract <tool name> placeholder.
+_GENERIC_PROMPT = "You have tools:\n{tools}\n\nIf the user's request needs a tool, answer {example} with the tool's name " \
+                  "and arguments, and nothing else.{response}"
+_GENERIC_RESPONSE = ' If not, answer {"response": "<your reply>"}.'
 _logged: set[tuple[str, str]] = set()
 
 
@@ -37,18 +43,20 @@ _logged: set[tuple[str, str]] = set()
 class ToolPlan:
     messages: list[dict[str, Any]]
     template_tools: list[dict[str, Any]] | None      # what the chat template gets as `tools`
-    structured_outputs: StructuredOutputsParams | None
+    structured_outputs: StructuredOutputsParams | None   # the request's grammar, tools' and its own
     new_parser: Callable[[], ToolParser] | None      # one parser per choice; None: the answer is content
     max_calls: int | None
 
 
 def plan_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any,
                parallel_tool_calls: bool | None, chat_template: str | None, tool_call_parser: str | None,
-               enable_auto_tool_choice: bool, model: str) -> ToolPlan:
-    """Raises SamplingParamsError (a 400) for bad tools or a tool_choice this server cannot honour."""
+               enable_auto_tool_choice: bool, model: str,
+               structured_outputs: StructuredOutputsParams | None = None) -> ToolPlan:
+    """`structured_outputs` is the request's own (response_format, format). Raises SamplingParamsError
+    (a 400) for bad tools or a tool_choice this server cannot honour."""
     choice = _tool_choice(tools, tool_choice)
     if not tools:
-        return ToolPlan(messages, None, None, None, None)
+        return ToolPlan(messages, None, structured_outputs, None, None)
     check_tools(tools)
     max_calls = 1 if parallel_tool_calls is False else None
     if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
@@ -56,21 +64,34 @@ def plan_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
                                                  '--tool-call-parser to be set')
     uses_template = template_has_tools(chat_template)
     if choice == "none":
-        return ToolPlan(template_messages(messages) if uses_template else generic_messages(messages, None),
-                        tools if uses_template else None, None, None, None)
-    parser_name = tool_call_parser if uses_template and tool_call_parser else GENERIC_PARSER
-    _log_once(model, "the chat template renders the tools" if uses_template else
-              "the chat template has no tools section: the tools go in a generic system prompt", parser_name)
-    messages = template_messages(messages) if uses_template else generic_messages(messages, tools)
-    template_tools = tools if uses_template else None
-    if choice == "auto":
-        return ToolPlan(messages, template_tools, None, lambda: make_parser(parser_name), max_calls)
+        return ToolPlan(template_messages(messages) if uses_template else generic_messages(messages, None, max_calls),
+                        tools if uses_template else None, structured_outputs, None, None)
+    if uses_template:
+        parser_name = tool_call_parser or GENERIC_PARSER
+        _log_once(model, "the chat template renders the tools", f"the {parser_name} parser")
+        messages = template_messages(messages)
+        if choice == "auto":
+            return ToolPlan(messages, tools, structured_outputs, lambda: make_parser(parser_name), max_calls)
+        if choice == "required":
+            return ToolPlan(messages, tools, _only(structured_outputs, _required_schema(tools, max_calls)),
+                            JsonListParser, max_calls)
+        function = _named_function(tools, choice)
+        return ToolPlan(messages, tools, _only(structured_outputs, _parameters(function)),
+                        lambda: NamedToolParser(function["name"]), 1)
+    _log_once(model, "the chat template has no tools section: the tools go in a generic system prompt",
+              "a JSON grammar (llama-server's generic format)")
+    if isinstance(choice, dict):
+        function = _named_function(tools, choice)
+        return ToolPlan(generic_messages(messages, [_tool_of(tools, function)], 1, response=False),
+                        None, _only(structured_outputs, _parameters(function)),
+                        lambda: NamedToolParser(function["name"]), 1)
+    calls = _generic_calls_schema(tools, max_calls)
     if choice == "required":
-        return ToolPlan(messages, template_tools, StructuredOutputsParams(json=_required_schema(tools, max_calls)),
-                        JsonListParser, max_calls)
-    function = _named_function(tools, choice)
-    return ToolPlan(messages, template_tools, StructuredOutputsParams(json=_parameters(function)),
-                    lambda: NamedToolParser(function["name"]), 1)
+        schema = _only(structured_outputs, calls)
+    else:
+        schema = StructuredOutputsParams(json={"anyOf": [calls, _generic_response_schema(structured_outputs)]})
+    return ToolPlan(generic_messages(messages, tools, max_calls, response=choice == "auto"), None, schema,
+                    GenericJsonParser, max_calls)
 
 
 def check_tools(tools: list[dict[str, Any]]) -> None:
@@ -102,9 +123,10 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
-def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """The conversation for a template without tools: the tool prompt in the system message, earlier calls
-    and their results as text in the format the prompt asks for."""
+def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, max_calls: int | None,
+                     response: bool = True) -> list[dict[str, Any]]:
+    """The conversation for a template without tools: the tools and the answer's form in the system message,
+    earlier calls and their results as JSON text in that form."""
     converted = []
     for message in messages:
         if not isinstance(message, dict):
@@ -112,18 +134,26 @@ def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
             continue
         calls = message.get("tool_calls")
         if message.get("role") == "assistant" and calls:
-            text = "\n".join("<tool_call>\n" + json.dumps(_call_object(call), ensure_ascii=False) + "\n</tool_call>"
-                             for call in calls)
-            content = message.get("content")
-            message = {"role": "assistant", "content": f"{content}\n{text}" if isinstance(content, str) and content
-                       else text}
+            objects = [_call_object(call) for call in calls]
+            text = json.dumps({"tool_call": objects[0]} if max_calls == 1 and len(objects) == 1
+                              else {"tool_calls": objects}, ensure_ascii=False)
+            message = {"role": "assistant", "content": text}
         elif message.get("role") == "tool":
             content = message.get("content")
-            message = {"role": "user", "content": "<tool_response>\n" + (content if isinstance(content, str)
-                                                                         else json.dumps(content)) + "\n</tool_response>"}
+            result: dict[str, Any] = {"content": content if isinstance(content, str) else json.dumps(content)}
+            name = message.get("name") or message.get("tool_name")
+            if isinstance(name, str) and name:
+                result = {"name": name, **result}
+            message = {"role": "user", "content": json.dumps({"tool_response": result}, ensure_ascii=False)}
         converted.append(message)
     if tools:
-        prompt = _GENERIC_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+        function = tools[0]["function"]
+        example_call = {"name": function["name"], "arguments": {
+            name: f"<{name}>" for name in (_parameters(function).get("properties") or {})}}
+        example = {"tool_call": example_call} if max_calls == 1 else {"tool_calls": [example_call]}
+        prompt = _GENERIC_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools),
+                                        example=json.dumps(example, ensure_ascii=False),
+                                        response=_GENERIC_RESPONSE if response else "")
         if converted and isinstance(converted[0], dict) and converted[0].get("role") == "system":
             first = converted[0]
             content = first.get("content")
@@ -132,6 +162,44 @@ def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
         else:
             converted.insert(0, {"role": "system", "content": prompt})
     return converted
+
+
+def _only(requested: StructuredOutputsParams | None, schema: dict[str, Any]) -> StructuredOutputsParams:
+    if requested is not None:
+        raise SamplingParamsError("tool_choice", "a required or named tool_choice cannot be combined with "
+                                                 "response_format or structured_outputs")
+    return StructuredOutputsParams(json=schema)
+
+
+def _generic_calls_schema(tools: list[dict[str, Any]], max_calls: int | None) -> dict[str, Any]:
+    options = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
+                                                 "arguments": _parameters(tool["function"])},
+                "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
+    call: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    if max_calls == 1:
+        return {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"],
+                "additionalProperties": False}
+    return {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
+            "required": ["tool_calls"], "additionalProperties": False}
+
+
+def _generic_response_schema(requested: StructuredOutputsParams | None) -> dict[str, Any]:
+    """{"response": ...}: a string, or what the request's own JSON response_format asks for."""
+    value: Any = {"type": "string"}
+    if requested is not None:
+        if requested.json is not None:
+            value = json.loads(requested.json) if isinstance(requested.json, str) else requested.json
+        elif requested.json_object:
+            value = {"type": "object"}
+        else:
+            raise SamplingParamsError("structured_outputs", "with tools on a chat template without a tools "
+                                                            "section, only a JSON response_format can be combined")
+    return {"type": "object", "properties": {"response": value}, "required": ["response"],
+            "additionalProperties": False}
+
+
+def _tool_of(tools: list[dict[str, Any]], function: dict[str, Any]) -> dict[str, Any]:
+    return next(tool for tool in tools if tool["function"] is function)
 
 
 def _tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | dict[str, Any]:
@@ -196,7 +264,7 @@ def _arguments_object(arguments: Any) -> Any:
     return arguments if arguments is not None else {}
 
 
-def _log_once(model: str, how: str, parser: str) -> None:
+def _log_once(model: str, how: str, reader: str) -> None:
     if (model, how) not in _logged:
         _logged.add((model, how))
-        logger.info("%s: %s; tool calls are read with the %s parser", model, how, parser)
+        logger.info("%s: %s; tool calls are read with %s", model, how, reader)
