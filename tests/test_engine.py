@@ -41,6 +41,17 @@ def test_generate_and_chat_answer_like_the_model(llm):
     assert chat[0].outputs[0].finish_reason == "stop"
 
 
+def test_vllm_prompt_dicts_are_prompts(llm):
+    """vLLM's TextPrompt / TokensPrompt dicts, alone or in a list, answer as the text and ids do."""
+    ids = llm.get_tokenizer().encode("1, 2, 3,")
+    expected = [output.outputs[0].text for output in llm.generate(["The capital of France is", ids], greedy(max_tokens=8))]
+    got = llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ids}], greedy(max_tokens=8))
+    assert [output.outputs[0].text for output in got] == expected
+    assert llm.generate({"prompt_token_ids": ids}, greedy(max_tokens=8))[0].outputs[0].text == expected[1]
+    with pytest.raises(ValueError, match="needs 'prompt' or 'prompt_token_ids'"):
+        llm.generate({"text": "x"}, greedy(max_tokens=2))
+
+
 def test_preemption_completes_everything_identically(smollm2_path, llm):
     prompts = [f"Write number {i} in words: " for i in range(6)]
     expected = texts(llm.generate(prompts, greedy(max_tokens=40)))

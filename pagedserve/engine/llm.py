@@ -15,6 +15,28 @@ from pagedserve.sampling_params import OutputKind, SamplingParams
 from pagedserve.store.models_dir import resolve_named_model
 
 
+# What vLLM's LLM takes as prompts: a text, token ids, a TextPrompt / TokensPrompt dict, or a list of them.
+PromptsArg = str | list[int] | dict[str, Any] | SequenceOf[str | list[int] | dict[str, Any]]
+
+
+def _prompt_list(prompts: PromptsArg) -> list[str | list[int]]:
+    one = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and bool(prompts)
+                                                and isinstance(prompts[0], int))
+    return [_prompt(prompt) for prompt in ([prompts] if one else list(cast(SequenceOf[Any], prompts)))]
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return str(prompt["prompt"])
+        raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        return prompt
+    raise ValueError(f"a prompt must be a text, a list of token ids or a prompt dict; got {type(prompt).__name__}")
+
+
 class LLM:
     """Offline generation: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
 
@@ -38,14 +60,14 @@ class LLM:
         PARAMETERs) over SamplingParams' own, as vLLM's LLM does."""
         return self.processor.sampling_defaults.params()
 
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+    def generate(self, prompts: PromptsArg,
                  sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
                  use_tqdm: bool = False,
                  lora_request: LoRARequest | SequenceOf[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """`lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt; each is
+        """`prompts`: text, token ids, vLLM's {"prompt": text} / {"prompt_token_ids": ids}, or a list of
+        these. `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt; each is
         loaded on first use, as vLLM's LLM does."""
-        prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
-            else list(prompts)
+        prompt_list = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _params_per_prompt(sampling_params, len(prompt_list))
@@ -91,14 +113,13 @@ class LLM:
         prompts = [self.processor.render_chat(conversation, options).token_ids for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def embed(self, prompts: str | list[int] | list[str] | list[list[int]],
+    def embed(self, prompts: PromptsArg,
               pooling_params: PoolingParams | None = None, *, truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = False, lora_request: LoRARequest | SequenceOf[LoRARequest | None] | None = None
               ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (text or token ids), pooled as the model's config says; needs a model
         served for embeddings (an encoder, or runner="pooling"). `lora_request` as for `generate`."""
-        prompt_list: list[Any] = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) \
-            else list(prompts)
+        prompt_list = _prompt_list(prompts)
         params = pooling_params or PoolingParams()
         requests = []
         for prompt, lora in zip(prompt_list, self._loras_per_prompt(lora_request, len(prompt_list))):
