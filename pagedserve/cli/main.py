@@ -114,7 +114,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 def _environment_help() -> str:
     lines = ["environment (read once at start-up; a --config file and then the command line win over it):"]
     for variable in ENVIRONMENT:
-        backs = ", ".join("--" + option.replace("_", "-") for option in variable.options) or "huggingface_hub"
+        backs = ", ".join("--" + option.replace("_", "-") for option in variable.options) or variable.read_by
         lines.append(f"  {variable.name:<26} {backs}: {variable.help}")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ class EnvVar:
     options: tuple[str, ...]                   # the config fields it backs; () if a library reads it itself
     parse: Callable[[str], dict[str, Any]] | None
     help: str
-
+    read_by: str = "huggingface_hub"           # who reads it, when it backs no option
 
 def _one(option: str, convert: Callable[[str], Any]) -> Callable[[str], dict[str, Any]]:
     return lambda text: {option: convert(text.strip())}
@@ -152,6 +152,8 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("PAGEDSERVE_DISABLE_SHM_ALLREDUCE", ("disable_custom_all_reduce",),
            _one("disable_custom_all_reduce", _boolean("PAGEDSERVE_DISABLE_SHM_ALLREDUCE")),
            "1: tensor-parallel ranks on one machine all-reduce over gloo, not shared memory"),
+    EnvVar("PAGEDSERVE_CPU_ISA", (), None,
+           "CPU kernel variant: avx512, avx2 or native (default: the widest one this CPU runs)", "the kernels"),
     EnvVar("VLLM_LOGGING_LEVEL", ("log_level",), _one("log_level", _log_level), "log level"),
     EnvVar("PAGEDSERVE_USE_MODELSCOPE", ("use_modelscope",),
            _one("use_modelscope", _boolean("PAGEDSERVE_USE_MODELSCOPE")), "download from ModelScope"),
