@@ -232,14 +232,17 @@ def run_checks(api: OpenWebUIApi, proxy: RecordingProxy, chat_id: str, page_text
     exchanges = chat_completions(proxy)
     with_tools = [e for e in exchanges if e.request_json().get("tools")]
     called = [e for e in with_tools if "tool_calls" in e.response_body.decode(errors="replace")]
-    sent_back = [e for e in exchanges if any(m.get("role") == "tool" for m in e.request_json()["messages"])]
+    # the tool's own output (Open WebUI ran the Python tool) went back to the model
+    sent_back = [e for e in exchanges if any(m.get("role") == "tool" and TOOL_RESULT_MARK in str(m.get("content"))
+                                             for m in e.request_json()["messages"])]
     follow_ups = answer.get("followUps") or []
     return [
         ("the chat request carried the tool in `tools`", bool(with_tools) and all(
             "get_weather" in [t["function"]["name"] for t in e.request_json()["tools"]] for e in with_tools),
          f"{len(with_tools)} request(s) with tools"),
         ("pagedserve answered with tool_calls for get_weather", bool(called), f"{len(called)} answer(s) with tool_calls"),
-        ("Open WebUI sent the tool's result back as a `tool` message", bool(sent_back), f"{len(sent_back)} request(s)"),
+        ("Open WebUI ran the tool and sent its result back as a `tool` message", bool(sent_back),
+         f"{len(sent_back)} request(s)"),
         ("the tool's result shows in the chat", TOOL_RESULT_MARK in page_text, "looked for " + repr(TOOL_RESULT_MARK)),
         ("the title came from the title task's JSON", chat["title"] not in ("New Chat", QUESTION, ""),
          f"title {chat['title']!r}"),
