@@ -185,7 +185,8 @@ def test_generic_required_single_call_named_and_a_json_response_format():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"response": "no"}, one.structured_outputs.json)
     named = plan({"type": "function", "function": {"name": "get_weather"}}, template=NO_TOOLS_TEMPLATE)
-    assert named.structured_outputs.json == TOOL["function"]["parameters"]
+    assert named.structured_outputs.json == one.structured_outputs.json and named.max_calls == 1
+    assert isinstance(named.new_parser(), GenericJsonParser)
     answer = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     nested = plan(template=NO_TOOLS_TEMPLATE, requested=StructuredOutputsParams(json=answer))
     jsonschema.validate({"response": {"n": 3}}, nested.structured_outputs.json)

@@ -31,6 +31,7 @@ class EnvVar:
     help: str
     read_by: str = "huggingface_hub"           # who reads it, when it backs no option
 
+
 def _one(option: str, convert: Callable[[str], Any]) -> Callable[[str], dict[str, Any]]:
     return lambda text: {option: convert(text.strip())}
 

@@ -15,8 +15,9 @@ A template without a tools section (SmolLM2's) would drop them silently. There w
 generic format does: the tools and the answer's form go into the system message, and a grammar makes the
 answer one JSON object, {"tool_calls": [{"name", "arguments"}, ...]} ({"tool_call": {...}} with
 parallel_tool_calls false) or, unless a call is required, {"response": "..."}; earlier calls and tool
-results become text in that form. A small model that would never write a tool call of its own accord
-still can here, because the grammar offers the call as the answer's first choice.
+results become text in that form; a named tool_choice is a single call of that tool in the same form. A
+small model that never writes a tool call of its own accord still can here: the grammar makes a call one
+of the only two answers it may give.
 """
 from __future__ import annotations
 
@@ -80,11 +81,10 @@ def plan_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
                         lambda: NamedToolParser(function["name"]), 1)
     _log_once(model, "the chat template has no tools section: the tools go in a generic system prompt",
               "a JSON grammar (llama-server's generic format)")
-    if isinstance(choice, dict):
-        function = _named_function(tools, choice)
-        return ToolPlan(generic_messages(messages, [_tool_of(tools, function)], 1, response=False),
-                        None, _only(structured_outputs, _parameters(function)),
-                        lambda: NamedToolParser(function["name"]), 1)
+    if isinstance(choice, dict):        # one call of that tool, in the form the prompt shows
+        only = [_tool_of(tools, _named_function(tools, choice))]
+        return ToolPlan(generic_messages(messages, only, 1, response=False), None,
+                        _only(structured_outputs, _generic_calls_schema(only, 1)), GenericJsonParser, 1)
     calls = _generic_calls_schema(tools, max_calls)
     if choice == "required":
         schema = _only(structured_outputs, calls)
