@@ -44,7 +44,8 @@ def test_generate_and_chat_answer_like_the_model(llm):
 def test_vllm_prompt_dicts_are_prompts(llm):
     """vLLM's TextPrompt / TokensPrompt dicts, alone or in a list, answer as the text and ids do."""
     ids = llm.get_tokenizer().encode("1, 2, 3,")
-    expected = [output.outputs[0].text for output in llm.generate(["The capital of France is", ids], greedy(max_tokens=8))]
+    plain = llm.generate(["The capital of France is", ids], greedy(max_tokens=8))
+    expected = [output.outputs[0].text for output in plain]
     got = llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ids}], greedy(max_tokens=8))
     assert [output.outputs[0].text for output in got] == expected
     assert llm.generate({"prompt_token_ids": ids}, greedy(max_tokens=8))[0].outputs[0].text == expected[1]

@@ -179,7 +179,8 @@ def test_generic_required_single_call_named_and_a_json_response_format():
     from pagedserve.sampling_params import SamplingParamsError, StructuredOutputsParams
 
     one = plan("required", template=NO_TOOLS_TEMPLATE, parallel=False)
-    assert '{"tool_call": {"name": "get_weather"' in one.messages[0]["content"] and '"response"' not in one.messages[0]["content"]
+    system = one.messages[0]["content"]
+    assert '{"tool_call": {"name": "get_weather"' in system and '"response"' not in system
     jsonschema.validate({"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}},
                         one.structured_outputs.json)
     with pytest.raises(jsonschema.ValidationError):

@@ -12,11 +12,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.server.tool_parsers.parsers import (TOOL_PARSERS, Extracted, GenericJsonParser, JsonListParser, ParsedCall,
-                                                    PartialCall, ToolParser)
+from pagedserve.server.tool_parsers.parsers import (TOOL_PARSERS, Extracted, GenericJsonParser, JsonListParser,
+                                                    ParsedCall, PartialCall, ToolParser)
 
-__all__ = ["TOOL_PARSERS", "GenericJsonParser", "JsonListParser", "NamedToolParser", "ToolCall", "ToolCallStream", "ToolParser",
-           "make_parser", "parse_tool_calls"]
+__all__ = ["TOOL_PARSERS", "GenericJsonParser", "JsonListParser", "NamedToolParser", "ToolCall", "ToolCallStream",
+           "ToolParser", "make_parser", "parse_tool_calls"]
 
 
 def new_call_id() -> str:

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 GENERIC_PARSER = "hermes"      # Ollama's parser when the template renders tools and no flag names one
 # NOTE: with a concrete example (the first tool's name and parameters) small models pick the call form far
 # more often when a request needs it than with an abstract <tool name> placeholder.
-_GENERIC_PROMPT = "You have tools:\n{tools}\n\nIf the user's request needs a tool, answer {example} with the tool's name " \
-                  "and arguments, and nothing else.{response}"
+_GENERIC_PROMPT = ("You have tools:\n{tools}\n\nIf the user's request needs a tool, answer {example} with the "
+                   "tool's name and arguments, and nothing else.{response}")
 _GENERIC_RESPONSE = ' If not, answer {"response": "<your reply>"}.'
 _logged: set[tuple[str, str]] = set()
 
