@@ -76,13 +76,13 @@ def plan_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
         if choice == "required":
             return ToolPlan(messages, tools, _only(structured_outputs, _required_schema(tools, max_calls)),
                             JsonListParser, max_calls)
-        function = _named_function(tools, choice)
+        function = _named_tool(tools, choice)["function"]
         return ToolPlan(messages, tools, _only(structured_outputs, _parameters(function)),
                         lambda: NamedToolParser(function["name"]), 1)
     _log_once(model, "the chat template has no tools section: the tools go in a generic system prompt",
               "a JSON grammar (llama-server's generic format)")
     if isinstance(choice, dict):        # one call of that tool, in the form the prompt shows
-        only = [_tool_of(tools, _named_function(tools, choice))]
+        only = [_named_tool(tools, choice)]
         return ToolPlan(generic_messages(messages, only, 1, response=False), None,
                         _only(structured_outputs, _generic_calls_schema(only, 1)), GenericJsonParser, 1)
     calls = _generic_calls_schema(tools, max_calls)
@@ -171,10 +171,15 @@ def _only(requested: StructuredOutputsParams | None, schema: dict[str, Any]) -> 
     return StructuredOutputsParams(json=schema)
 
 
+def _call_options(tools: list[dict[str, Any]], arguments_key: str) -> list[dict[str, Any]]:
+    """One schema per tool: its name and its parameters under `arguments_key`."""
+    return [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
+                                              arguments_key: _parameters(tool["function"])},
+             "required": ["name", arguments_key], "additionalProperties": False} for tool in tools]
+
+
 def _generic_calls_schema(tools: list[dict[str, Any]], max_calls: int | None) -> dict[str, Any]:
-    options = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
-                                                 "arguments": _parameters(tool["function"])},
-                "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
+    options = _call_options(tools, "arguments")
     call: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
     if max_calls == 1:
         return {"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"],
@@ -198,10 +203,6 @@ def _generic_response_schema(requested: StructuredOutputsParams | None) -> dict[
             "additionalProperties": False}
 
 
-def _tool_of(tools: list[dict[str, Any]], function: dict[str, Any]) -> dict[str, Any]:
-    return next(tool for tool in tools if tool["function"] is function)
-
-
 def _tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | dict[str, Any]:
     if tool_choice is None:
         return "auto" if tools else "none"
@@ -219,12 +220,12 @@ def _tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | 
     raise SamplingParamsError("tool_choice", f"tool_choice must be a string or an object, got {tool_choice!r}")
 
 
-def _named_function(tools: list[dict[str, Any]], tool_choice: dict[str, Any]) -> dict[str, Any]:
+def _named_tool(tools: list[dict[str, Any]], tool_choice: dict[str, Any]) -> dict[str, Any]:
     function = tool_choice.get("function")
     name = function.get("name") if isinstance(function, dict) else tool_choice.get("name")
     for tool in tools:
         if tool["function"]["name"] == name:
-            return tool["function"]
+            return tool
     raise SamplingParamsError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
 
 
@@ -234,10 +235,7 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
 
 def _required_schema(tools: list[dict[str, Any]], max_calls: int | None) -> dict[str, Any]:
     """vLLM's grammar for tool_choice "required": a list of calls, each one tool's name and parameters."""
-    options = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool["function"]["name"]]},
-                                                 "parameters": _parameters(tool["function"])},
-                "required": ["name", "parameters"], "additionalProperties": False} for tool in tools]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": _call_options(tools, "parameters")}}
     if max_calls is not None:
         schema["maxItems"] = max_calls
     return schema
