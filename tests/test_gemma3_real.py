@@ -50,8 +50,8 @@ def test_config_matches_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
 
 
 def test_greedy_tokens_match_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
-    # 5e-4: inputs of up to 16 rows (decode, and these short prompts) round activations to int16 per
-    # 32 values in the packed matmul, ~2e-4 on a logprob here; the tokens must still be identical.
+    # 5e-4: one-row inputs (decoding one sequence) round activations to int16 per 32 values in the
+    # packed matmul, ~2e-4 on a logprob here; the tokens must still be identical.
     check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=5e-4, prompts=PROMPTS,
                  max_tokens=MAX_TOKENS)
 

@@ -136,7 +136,7 @@ def make_packed(rows: int, cols: int, group: int, asymmetric: bool, bits: int = 
     return PackedWeight(codes, scales, offsets, group, bits)
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 6, 13, 17, 40])
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 6, 8, 11, 13, 17, 40, 129])
 @pytest.mark.parametrize("group,asymmetric,bits", [(32, True, 8), (32, False, 8), (16, False, 8), (16, True, 8),
                                                   (32, True, 4), (32, False, 4)])
 def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
@@ -150,7 +150,7 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_rows", [1, 2, 5, 17])
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 17, 130])
 @pytest.mark.parametrize("ggml_type", list(_UNPACKERS), ids=lambda t: t.name)
 def test_qlinear_multiplies_every_gguf_format_kept_packed(ggml_type, num_rows):
     """Real GGUF blocks as the loader packs them (4-bit or int8 codes, groups of 16 or 32), 37 outputs
@@ -175,7 +175,7 @@ def pack_four_bit(codes: torch.Tensor) -> torch.Tensor:
     return (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).reshape(rows, cols // 2)
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 16])
+@pytest.mark.parametrize("num_rows", [1, 3, 16, 150])
 @pytest.mark.parametrize("bits,asymmetric", [(4, True), (8, False), (8, True)])
 def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits, asymmetric):
     """Gemma 3's normed activations hold channels hundreds of times the rest (290 beside ~0.2), and its
@@ -205,10 +205,10 @@ def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_rows", [5, 16, 24])
+@pytest.mark.parametrize("num_rows", [5, 16, 27, 140])
 def test_qlinear_with_many_weight_chunks(num_rows):
-    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 16 rows), the last
-    one partial, and several cache-sized chunks on the GEMM path (24 rows)."""
+    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 128 rows: 8-row
+    tiles, then 4 or fewer), the last one partial, and several cache-sized chunks on the GEMM path."""
     packed = make_packed(600, 2048, 32, True, 4)
     x = torch.randn(num_rows, 2048)
     torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
