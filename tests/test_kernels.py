@@ -207,8 +207,8 @@ def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits
 
 @pytest.mark.parametrize("num_rows", [5, 16, 27, 140])
 def test_qlinear_with_many_weight_chunks(num_rows):
-    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 128 rows: 8-row
-    tiles, then 4 or fewer), the last one partial, and several cache-sized chunks on the GEMM path."""
+    """600 weight rows of 1 KB: several L2-sized blocks on the streaming path (up to 128 rows, in 4-row
+    tiles), the last one partial, and several cache-sized chunks on the GEMM path (140 rows)."""
     packed = make_packed(600, 2048, 32, True, 4)
     x = torch.randn(num_rows, 2048)
     torch.testing.assert_close(ops.packed_linear(x, packed, None, use_kernel=True), x @ packed.dequantize().t(),
