@@ -1,7 +1,8 @@
 """Gemma 3 270M (the `gemma3-270m` alias, Q4_K_M GGUF) against transformers' own load of the same file.
 
 Both sides dequantize the same weights to float32, so greedy tokens must be identical (logprobs agree
-to ~2e-4: decode-sized matmuls round activations to int16). The reference load takes a minute or more, so it is built once for the module.
+to ~2e-4: one-row matmuls round activations to two int8 levels per block). The reference load takes a
+minute or more, so it is built once for the module.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_config_matches_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
 
 
 def test_greedy_tokens_match_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
-    # 5e-4: one-row inputs (decoding one sequence) round activations to int16 per 32 values in the
+    # 5e-4: one-row inputs (decoding one sequence) round activations to two int8 levels per block in the
     # packed matmul, ~2e-4 on a logprob here; the tokens must still be identical.
     check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=5e-4, prompts=PROMPTS,
                  max_tokens=MAX_TOKENS)

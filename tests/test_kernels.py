@@ -136,18 +136,45 @@ def make_packed(rows: int, cols: int, group: int, asymmetric: bool, bits: int = 
     return PackedWeight(codes, scales, offsets, group, bits)
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 6, 8, 11, 13, 17, 40, 129])
-@pytest.mark.parametrize("group,asymmetric,bits", [(32, True, 8), (32, False, 8), (16, False, 8), (16, True, 8),
-                                                  (32, True, 4), (32, False, 4)])
+PACKED_FORMATS = [(32, True, 8), (32, False, 8), (16, False, 8), (16, True, 8), (32, True, 4), (32, False, 4)]
+
+
+@pytest.mark.parametrize("num_rows", [2, 3, 4, 5, 6, 8, 11, 13, 17, 40, 129])
+@pytest.mark.parametrize("group,asymmetric,bits", PACKED_FORMATS)
 def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     packed = make_packed(70, 96, group, asymmetric, bits)   # 70 outputs: not a multiple of any tile
     bias = torch.randn(70)
     x = torch.randn(num_rows, 96)
     got = ops.packed_linear(x, packed, bias, use_kernel=True)
-    # One-row inputs run on int16 activations (two levels per 32 values), the rest on float:
-    # both within float32 rounding of the float64 product.
+    # Two rows and more multiply float x by weights decoded to float: float32 rounding of the product.
     expected = (x.double() @ packed.dequantize().double().t() + bias.double()).float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def one_row_bound(x: torch.Tensor, weights: torch.Tensor, group: int, float_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+    """How far one row's product may be off the float64 one: x runs as an int8 code plus an int8
+    residual per weight group (so each value is off by at most max|block| / (127 * 508)), except
+    `float_blocks`, multiplied in float; plus float32 rounding of the sums."""
+    x = x.double()[0]
+    block_max = x.abs().view(-1, group).amax(1)
+    block_max[list(float_blocks)] = 0.0
+    rounding = weights.abs() @ (block_max.repeat_interleave(group) / (127 * 508))
+    return rounding + 8 * torch.finfo(torch.float32).eps * (weights.abs() @ x.abs())
+
+
+@pytest.mark.parametrize("cols", [32, 96, 128, 160, 576])   # 1.5 and 2.5 64-weight chunks among them
+@pytest.mark.parametrize("group,asymmetric,bits", PACKED_FORMATS)
+def test_one_row_rounds_x_to_two_int8_levels_per_block(cols, group, asymmetric, bits):
+    """One row (decode at concurrency 1) runs on integer dot products; single-level int8 x, as
+    llama.cpp uses, would be off by up to 254x the bound here."""
+    packed = make_packed(70, cols, group, asymmetric, bits)
+    x = torch.randn(1, cols) * 3
+    bias = torch.randn(70)
+    weights = packed.dequantize().double()
+    error = (ops.packed_linear(x, packed, bias, use_kernel=True).double() - (x.double() @ weights.t() + bias))[0].abs()
+    bound = one_row_bound(x, weights, group)
+    assert (error <= bound).all(), f"worst error {(error / bound).max().item():.3f}x the bound"
+    assert error.max() > 0   # x was rounded: the integer path ran, not a float one
 
 
 @pytest.mark.parametrize("num_rows", [1, 2, 5, 17, 130])
@@ -165,6 +192,8 @@ def test_qlinear_multiplies_every_gguf_format_kept_packed(ggml_type, num_rows):
     # NOTE: a float32 dot of 768 terms rounds by a few ulps of the sum of |terms| (K-quant blocks with
     # random scale bytes make those sums large); a wrong code or scale is off by a whole weight.
     bound = 8 * torch.finfo(torch.float32).eps * (x.double().abs() @ weights.abs().t() + bias.abs())
+    if num_rows == 1:
+        bound = one_row_bound(x, weights, packed.group_size)[None] + bound
     assert (error <= bound).all(), f"worst error {(error / bound).max():.2f}x the float32 rounding bound"
 
 
@@ -201,8 +230,15 @@ def test_qlinear_keeps_the_small_values_beside_an_outlier_channel(num_rows, bits
     weights = packed.dequantize().double()
     assert weights[:, [5, 70]].abs().max() <= 0.01 * weights.abs().max()
     expected = x.double() @ weights.t()
-    got = ops.packed_linear(x, packed, None, use_kernel=True)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    got = ops.packed_linear(x, packed, None, use_kernel=True).double()
+    if num_rows == 1:
+        # The outliers' blocks (0 and 2) must run in float: rounded with the rest, to steps of
+        # 290 / (127 * 254), the values beside them would be off over 100x this bound.
+        error = (got - expected)[0].abs()
+        bound = one_row_bound(x, weights, 32, float_blocks=(0, 2))
+        assert (error <= bound).all(), f"worst error {(error / bound).max().item():.3f}x the bound"
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_rows", [5, 16, 27, 140])

@@ -171,117 +171,123 @@ void qlinear_rows(const float* x, int64_t num_rows, int64_t K, const uint8_t* q,
 }
 
 #ifdef PS_AVX2
-// Decode with int16 activations: each 32-value block of a row of x becomes two int16 code vectors
-// with one float scale d, x = d * (hi + lo / 32768), and the dot with a weight group runs on integer
-// multiply-adds (madd_epi16), about half the instructions of widening every weight to float.
+// Decode at concurrency 1: each block of G values of x (the weights' own groups) as int8 codes with
+// one float scale d, x ~ d * (code + residual / 254), both int8, so a chunk of weights meets x in two
+// integer multiply-adds per 4 weights (vpdpbusd on AVX-512 VNNI, maddubs + madd on AVX2) rather than
+// being widened to float. Each value is off by at most max|block| / (127 * 508), about int16's
+// rounding. NOTE: one level, as llama.cpp rounds x, decoded 10-15% faster here but not close enough: greedy
+// SmolLM2 and Gemma 3 parted from transformers' tokens on 4 and 2 of 11 prompts within 32 tokens.
 //
-// NOTE: two levels, not one. hi alone rounds each value by up to d / 2 = max|block| / 65534, and
-// Gemma 3's blocks hold outlier channels hundreds of times the other values: those lost ~1% each,
-// and its logprobs drifted 6e-4 from the float result. With lo the error is max|block| / 2^31,
-// below float32's own rounding of the values. (int8 activations, as llama.cpp uses, are cheaper but
-// lose far more in such a block.)
-struct Q16Rows {
-  std::vector<int16_t> hi;     // [rows, K]
-  std::vector<int16_t> lo;     // [rows, K]: the residual x / d - hi, times 32768
-  std::vector<float> scale;    // [rows, K / 32]: d
-  std::vector<float> sum;      // [rows, K / 32]: the block's sum of x, for weight offsets
-};
+// Weight rows are read one at a time, so the prefetcher sees one stream: four interleaved rows (the
+// float path's tiles) read a 67 MB Q8_0 weight from memory at ~12 GB/s here, one row at ~24 GB/s.
+//
+// NOTE: a block holding an outlier channel is multiplied in float instead. Gemma 3's normed activations
+// hold channels hundreds of times the rest (290 beside ~0.2), and its weights on those channels are
+// small, so the values beside the outlier carry the result, and steps of 290 / (127 * 254) would lose
+// them. A block is kept in float when its largest |x| exceeds kOutlierRatio times its mean |x|
+// (Gaussian blocks of 32 stay near 3; one outlier of 290 among 0.2s is ~30).
+constexpr float kOutlierRatio = 6.f;
+constexpr float kResidualScale = 254.f;
 
-// 32 int32 -> 32 int16 in order (the in-lane pack interleaves 64-bit quarters; the permute restores them).
-inline void pack32_epi16(const __m256i* q, int16_t* out) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
-                      _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+#if defined(PS_AVX512)
+constexpr int kChunk = 64;   // weights per integer dot: one zmm of bytes
+#else
+constexpr int kChunk = 32;   // one ymm
+#endif
+constexpr int kLanes = kChunk / 4;   // int32 lanes, each the sum of 4 byte products
+// AVX-512 multiplies 8-bit weights as unsigned (code + 128, one XOR) and subtracts 128 * sum(x codes)
+// per block after; AVX2 moves the weights' signs onto x instead (sign_epi8, no correction).
+constexpr bool kShiftedCodes = kChunk == 64;
+
+// Where byte p of a chunk's weight register meets x: the offset in the chunk. 8-bit chunks and AVX2's
+// 4-bit ones (one group: low nibbles, weights 0-15, then high ones, 16-31) are in x's order; AVX-512's
+// 4-bit chunk is two groups' 32 code bytes as [low nibbles of both | high nibbles of both].
+template <int BITS>
+inline int chunk_position(int p) {
+  if (BITS == 8 || kChunk == 32) return p;
+  return ((p >> 4) & 1) * 32 + (p & 15) + (p >= 32 ? 16 : 0);
 }
 
-inline Q16Rows quantize_rows_q16(const float* x, int64_t rows, int64_t K) {
-  const int64_t blocks = K / 32;
-  Q16Rows out{std::vector<int16_t>(rows * K), std::vector<int16_t>(rows * K), std::vector<float>(rows * blocks),
-              std::vector<float>(rows * blocks)};
+// One row of x, quantized. Reused per thread: a decode step quantizes ~120 rows.
+struct I8Row {
+  std::vector<int8_t> codes;    // [chunks * kChunk] in each chunk's register order; 0 in float blocks
+  std::vector<int8_t> residual; // like codes: (x / d - code) * kResidualScale, rounded
+  std::vector<float> lane_d;    // [chunks * kLanes]: each lane's block scale d (/ 16: see load_chunk)
+  std::vector<float> shift;     // [blocks]: 128 * d * sum(codes), when kShiftedCodes
+  std::vector<float> sum;       // [blocks]: the block's sum of x (exact), for weight offsets
+  std::vector<int64_t> exact;   // blocks multiplied in float
+  std::vector<int8_t> natural;  // scratch: codes, then residuals, in x's order
+  std::vector<float> d;         // scratch: d per block
+};
+
+// 8 int32 in [-127, 127] -> 8 bytes.
+inline void store_bytes8(__m256i v, int8_t* out) {
+  const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(v16, v16));
+}
+
+template <int G, int BITS>
+const I8Row& quantize_row_i8(const float* x, int64_t K) {
+  static thread_local I8Row out;
+  const int64_t blocks = K / G, chunks = (K + kChunk - 1) / kChunk;
+  out.codes.assign(chunks * kChunk, 0);
+  out.residual.assign(chunks * kChunk, 0);
+  out.natural.assign(2 * chunks * kChunk, 0);
+  out.lane_d.assign(chunks * kLanes, 0.f);
+  out.shift.assign(blocks, 0.f);
+  out.sum.resize(blocks);
+  out.d.assign(blocks, 0.f);
+  out.exact.clear();
   const __m256 sign_bit = _mm256_set1_ps(-0.f);
-  for (int64_t i = 0; i < rows * blocks; ++i) {
-    const float* xb = x + i * 32;
-    __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
-      total = _mm256_add_ps(total, v[j]);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * G;
+    __m256 amax = _mm256_setzero_ps(), aabs = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int j = 0; j < G; j += 8) {
+      const __m256 v = _mm256_loadu_ps(xb + j), a = _mm256_andnot_ps(sign_bit, v);
+      amax = _mm256_max_ps(amax, a);
+      aabs = _mm256_add_ps(aabs, a);
+      total = _mm256_add_ps(total, v);
     }
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float max_abs = _mm_cvtss_f32(m);
-    const float d = max_abs / 32767.f, inv = max_abs > 0.f ? 32767.f / max_abs : 0.f;
-    __m256i hi[4], lo[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m256 scaled = _mm256_mul_ps(v[j], _mm256_set1_ps(inv));     // |scaled| <= 32767
-      const __m256 rounded = _mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      hi[j] = _mm256_cvtps_epi32(rounded);
-      // |scaled - rounded| <= 1/2 (exact in float), so lo fits int16 with room to spare.
-      lo[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, rounded), _mm256_set1_ps(32768.f)));
+    const float max_abs = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    out.sum[b] = hsum(total);
+    if (max_abs == 0.f) continue;
+    if (max_abs > kOutlierRatio * hsum(aabs) / G) {
+      out.exact.push_back(b);
+      continue;
     }
-    pack32_epi16(hi, out.hi.data() + i * 32);
-    pack32_epi16(lo, out.lo.data() + i * 32);
-    out.scale[i] = d;
-    out.sum[i] = hsum(total);
+    out.d[b] = max_abs / 127.f;
+    const __m256 inv = _mm256_set1_ps(127.f / max_abs);
+    __m256 codes_sum = _mm256_setzero_ps();
+    int8_t* hi = out.natural.data() + b * G;
+    int8_t* lo = hi + chunks * kChunk;
+    for (int j = 0; j < G; j += 8) {
+      // NOTE: rounding to nearest (the default MXCSR mode); |scaled| <= 127, and scaled - code is exact.
+      const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(xb + j), inv);
+      const __m256 code = _mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 rest = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(scaled, code), _mm256_set1_ps(kResidualScale)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      codes_sum = _mm256_add_ps(codes_sum, _mm256_fmadd_ps(rest, _mm256_set1_ps(1.f / kResidualScale), code));
+      store_bytes8(_mm256_cvtps_epi32(code), hi + j);
+      store_bytes8(_mm256_cvtps_epi32(rest), lo + j);
+    }
+    out.shift[b] = 128.f * out.d[b] * hsum(codes_sum);
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int p = 0; p < kChunk; ++p) {
+      const int64_t k = c * kChunk + chunk_position<BITS>(p);
+      if (k < K) {
+        out.codes[c * kChunk + p] = out.natural[k];
+        out.residual[c * kChunk + p] = out.natural[chunks * kChunk + k];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t k = c * kChunk + chunk_position<BITS>(4 * l);
+      if (k < K) out.lane_d[c * kLanes + l] = out.d[k / G] * (BITS == 4 && kChunk == 64 && l >= 8 ? 1.f / 16 : 1.f);
+    }
   }
   return out;
-}
-
-template <int BITS>
-inline void load_group16(const uint8_t* q, __m256i* w) {
-  // NOTE: each widening reads memory directly (one shuffle, no extract); for 4 bits the bytes are
-  // widened whole and split in 16-bit lanes, where the high nibble needs no mask.
-  if (BITS == 8) {
-    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-  } else {
-    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    w[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
-    w[1] = _mm256_srli_epi16(bytes, 4);
-  }
-}
-
-// Integer dot of a weight group with 32 int16 activations, as 8 int32 partial sums. No overflow:
-// 32 products of |code| <= 128 and |x| <= 32767 stay within int32.
-inline __m256i dot32_epi32(const __m256i* w, const int16_t* x) {
-  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
-#if defined(PS_AVX512)
-  return _mm256_dpwssd_epi32(_mm256_madd_epi16(w[0], x0), w[1], x1);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(w[0], x0), w[1], x1);
-#else
-  return _mm256_add_epi32(_mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1));
-#endif
-}
-
-#ifdef PS_AVX512
-// One weight group as 32 int16 in one register (4 bits: the low nibbles, then the high ones).
-template <int BITS>
-inline __m512i load_group32(const uint8_t* q) {
-  if (BITS == 8) return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  // NOTE: the 16-bit shift pulls the next byte's low nibble into the high half of each byte; the mask
-  // after widening drops it.
-  const __m512i wide = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes));
-  return _mm512_and_si512(wide, _mm512_set1_epi16(0x0F));
-}
-
-// The dot of a weight group with a two-level activation block, as 16 float partial sums: one VNNI
-// multiply-add per level (each int32 lane sums two products, exact).
-inline __m512 dot32_512(__m512i w, const int16_t* hi, const int16_t* lo) {
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i h = _mm512_dpwssd_epi32(zero, w, _mm512_loadu_si512(hi));
-  const __m512i l = _mm512_dpwssd_epi32(zero, w, _mm512_loadu_si512(lo));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), _mm512_set1_ps(1.f / 32768.f), _mm512_cvtepi32_ps(h));
-}
-#endif
-
-// The dot of a weight group with a two-level activation block (hi + lo / 32768), as 8 float partial sums.
-inline __m256 dot32(const __m256i* w, const int16_t* hi, const int16_t* lo) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_epi32(w, lo)), _mm256_set1_ps(1.f / 32768.f),
-                         _mm256_cvtepi32_ps(dot32_epi32(w, hi)));
 }
 
 // sum of a[i] * b[i]: the weight offsets' share, once per output rather than once per group.
@@ -294,83 +300,140 @@ inline float dot_floats(const float* a, const float* b, int64_t count) {
   return total;
 }
 
-template <int BITS, int R, int NB>
-void qlinear_q16_tile(const int16_t* xc, const int16_t* xl, const float* xd, const float* xs, int64_t K, const uint8_t* q,
-                      const float* scale, const float* offset, const float* bias, float* y, int64_t N,
-                      int64_t n_begin, int64_t n_end) {
-  const int64_t groups = K / 32, row_bytes = K * BITS / 8, group_bytes = 32 * BITS / 8;
-  int64_t n = n_begin;
-#ifdef PS_AVX512
-  for (; n + NB <= n_end; n += NB) {
-    __m512 acc[R][NB];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i w[NB];
-      __m512 ws[NB];
-      for (int b = 0; b < NB; ++b) {
-        w[b] = load_group32<BITS>(q + (n + b) * row_bytes + g * group_bytes);
-        ws[b] = _mm512_set1_ps(scale[(n + b) * groups + g]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 xdv = _mm512_set1_ps(xd[r * groups + g]);
-        for (int b = 0; b < NB; ++b)
-          acc[r][b] = _mm512_fmadd_ps(dot32_512(w[b], xc + r * K + g * 32, xl + r * K + g * 32),
-                                      _mm512_mul_ps(ws[b], xdv), acc[r][b]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b)
-        y[r * N + n + b] = _mm512_reduce_add_ps(acc[r][b]) +
-                           (offset ? dot_floats(offset + (n + b) * groups, xs + r * groups, groups) : 0.f) +
-                           (bias ? bias[n + b] : 0.f);
+#if defined(PS_AVX512)
+// A chunk's weights as unsigned bytes for vpdpbusd; `count` < 64 for the last, partial one.
+template <int BITS>
+inline __m512i load_chunk(const uint8_t* q, int count) {
+  if (BITS == 4) {
+    const __m256i bytes = count == 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                                      : _mm256_maskz_loadu_epi8((1u << (count / 2)) - 1, q);
+    // NOTE: the high nibbles are masked in place, 16x their value (at most 240, still a byte), and
+    // lane_d carries the 1/16: one AND decodes both halves.
+    const __m512i mask = _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8(static_cast<char>(0xF0)), 1);
+    return _mm512_and_si512(_mm512_broadcast_i64x4(bytes), mask);
   }
+  const __m512i bytes = count == 64 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8((uint64_t{1} << count) - 1, q);
+  return _mm512_xor_si512(bytes, _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// The weight scales of a chunk's 64 / G blocks, one per lane.
+template <int G, int BITS>
+inline __m512 chunk_scales(const float* s, int count) {
+  const int n = count / G;
+  const __m128 v = n == 2 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)))
+                   : n == 4 ? _mm_loadu_ps(s) : _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1), s);
+  const __m512i block_of_lane = BITS == 4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                                : G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                          : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(block_of_lane, _mm512_castps128_ps512(v));
+}
+
+// One weight row's chunk times x's: 16 float partial sums (before the block scales).
+template <int G, int BITS>
+inline __m512 chunk_dot(const uint8_t* q, const int8_t* xc, const int8_t* xr, int count) {
+  const __m512i w = load_chunk<BITS>(q, count), zero = _mm512_setzero_si512();
+  const __m512i hi = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(xc));
+  const __m512i lo = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(xr));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.f / kResidualScale), _mm512_cvtepi32_ps(hi));
+}
+#else
+template <int G, int BITS>
+inline __m256 chunk_scales(const float* s, int count) {
+  if (G == 32) return _mm256_broadcast_ss(s);
+  const __m128 v = count == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_load_ss(s);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+}
+
+template <int G, int BITS>
+inline __m256 chunk_dot(const uint8_t* q, const int8_t* xc, const int8_t* xr, int count) {
+  __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc));
+  __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+  __m256i w;
+  if (BITS == 4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  } else {
+    const __m256i signed_w = count == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
+                                         : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    w = _mm256_abs_epi8(signed_w);
+    xh = _mm256_sign_epi8(xh, signed_w);
+    xl = _mm256_sign_epi8(xl, signed_w);
+  }
+  // Byte pairs sum to at most 2 * 128 * 127: maddubs does not saturate.
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xh), ones);
+  const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xl), ones);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.f / kResidualScale), _mm256_cvtepi32_ps(hi));
+}
 #endif
-  for (; n + NB <= n_end; n += NB) {
-    __m256 acc[R][NB];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i w[NB][2];
-      __m256 ws[NB];
-      for (int b = 0; b < NB; ++b) {
-        load_group16<BITS>(q + (n + b) * row_bytes + g * group_bytes, w[b]);
-        ws[b] = _mm256_broadcast_ss(scale + (n + b) * groups + g);   // a load, no shuffle
-      }
-      for (int r = 0; r < R; ++r) {
-        const int16_t* xg = xc + r * K + g * 32;
-        const __m256 xdv = _mm256_broadcast_ss(xd + r * groups + g);
-        for (int b = 0; b < NB; ++b)
-          acc[r][b] = _mm256_fmadd_ps(dot32(w[b], xg, xl + r * K + g * 32), _mm256_mul_ps(ws[b], xdv), acc[r][b]);
-      }
+
+#if defined(PS_AVX512)
+using Floats = __m512;
+inline Floats zero_floats() { return _mm512_setzero_ps(); }
+inline Floats add_floats(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+inline float reduce_floats(Floats a) { return _mm512_reduce_add_ps(a); }
+#else
+using Floats = __m256;
+inline Floats zero_floats() { return _mm256_setzero_ps(); }
+inline Floats add_floats(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+inline float reduce_floats(Floats a) { return hsum(a); }
+#endif
+
+// Weight rows [n_begin, n_end) against the quantized row.
+template <int G, int BITS>
+void qlinear_i8_rows(const I8Row& xq, const float* x, int64_t K, const uint8_t* q, const float* scale,
+                     const float* offset, const float* bias, float* y, int64_t n_begin, int64_t n_end) {
+  const int64_t blocks = K / G, row_bytes = K * BITS / 8, chunk_bytes = kChunk * BITS / 8;
+  const int64_t full = K / kChunk;
+  const int tail = static_cast<int>(K - full * kChunk);
+  const int8_t* xc = xq.codes.data();
+  const int8_t* xr = xq.residual.data();
+  const float* xd = xq.lane_d.data();
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    const float* sn = scale + n * blocks;
+    // Two accumulators: consecutive chunks' multiply-adds do not wait on each other.
+    Floats acc[2] = {zero_floats(), zero_floats()};
+    auto step = [&](int64_t c, int count, Floats& into) {
+#if defined(PS_AVX512)
+      const Floats s = _mm512_mul_ps(chunk_scales<G, BITS>(sn + c * (kChunk / G), count), _mm512_loadu_ps(xd + c * kLanes));
+      into = _mm512_fmadd_ps(chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count), s, into);
+#else
+      const Floats s = _mm256_mul_ps(chunk_scales<G, BITS>(sn + c * (kChunk / G), count), _mm256_loadu_ps(xd + c * kLanes));
+      into = _mm256_fmadd_ps(chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count), s, into);
+#endif
+    };
+    int64_t c = 0;
+    for (; c + 2 <= full; c += 2) {
+      step(c, kChunk, acc[0]);
+      step(c + 1, kChunk, acc[1]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b)
-        y[r * N + n + b] = hsum(acc[r][b]) + (offset ? dot_floats(offset + (n + b) * groups, xs + r * groups, groups) : 0.f) +
-                           (bias ? bias[n + b] : 0.f);
-  }
-  for (; n < n_end; ++n) {   // leftover weight rows
-    for (int r = 0; r < R; ++r) {
-      float sum = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        __m256i w[2];
-        load_group16<BITS>(q + n * row_bytes + g * group_bytes, w);
-        sum += hsum(dot32(w, xc + r * K + g * 32, xl + r * K + g * 32)) * scale[n * groups + g] * xd[r * groups + g];
-        if (offset) sum += offset[n * groups + g] * xs[r * groups + g];
-      }
-      y[r * N + n] = sum + (bias ? bias[n] : 0.f);
+    if (c < full) step(c, kChunk, acc[0]);
+    if (tail) step(full, tail, acc[1]);
+    for (const int64_t e : xq.exact) {   // float blocks
+#if defined(PS_AVX512)
+      for (int j = 0; j < G / 16; ++j)
+        acc[j & 1] = _mm512_fmadd_ps(_mm512_mul_ps(decode16<BITS>(qn + e * G * BITS / 8, j), _mm512_loadu_ps(x + e * G + 16 * j)),
+                                     _mm512_set1_ps(sn[e]), acc[j & 1]);
+#else
+      for (int j = 0; j < G / 8; ++j)
+        acc[j & 1] = _mm256_fmadd_ps(_mm256_mul_ps(decode8<BITS>(qn + e * G * BITS / 8, j), _mm256_loadu_ps(x + e * G + 8 * j)),
+                                     _mm256_set1_ps(sn[e]), acc[j & 1]);
+#endif
     }
+    float total = reduce_floats(add_floats(acc[0], acc[1]));
+    if (offset) total += dot_floats(offset + n * blocks, xq.sum.data(), blocks);
+    if (BITS == 8 && kShiftedCodes) total -= dot_floats(sn, xq.shift.data(), blocks);
+    y[n] = total + (bias ? bias[n] : 0.f);
   }
 }
 
-// One row (decode at concurrency 1): four weight rows at a time, so four dot chains are in flight.
-template <int BITS>
-void qlinear_row_q16(const float* x, int64_t K, const uint8_t* q, const float* scale, const float* offset,
-                     const float* bias, float* y, int64_t N) {
-  const Q16Rows xq = quantize_rows_q16(x, 1, K);
+template <int G, int BITS>
+void qlinear_row_i8(const float* x, int64_t K, const uint8_t* q, const float* scale, const float* offset,
+                    const float* bias, float* y, int64_t N) {
+  const I8Row& xq = quantize_row_i8<G, BITS>(x, K);
   at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
-    qlinear_q16_tile<BITS, 1, 4>(xq.hi.data(), xq.lo.data(), xq.scale.data(), xq.sum.data(), K, q, scale, offset,
-                                 bias, y, N, n_begin, n_end);
+    qlinear_i8_rows<G, BITS>(xq, x, K, q, scale, offset, bias, y, n_begin, n_end);
   });
 }
 #endif
@@ -438,11 +501,11 @@ at::Tensor qlinear_impl(const at::Tensor& x, const uint8_t* q, const float* scal
   at::Tensor y = at::empty(out_shape, x.options());
   if (num_rows <= kStreamingMaxRows) {
 #ifdef PS_AVX2
-    // NOTE: int16 activations for one row only. From two rows on, decoding each weight group to
-    // float once and reusing it for every row costs fewer instructions than two int16 dots per
-    // row (SmolLM2 layer, 4 rows: 530 vs 646 us here), and is exact float.
-    if (G == 32 && num_rows == 1) {   // 16-weight groups (Q6_K) keep the float path
-      qlinear_row_q16<BITS>(x.data_ptr<float>(), K, q, scale, offset, bias, y.data_ptr<float>(), N);
+    // NOTE: integer dot products for one row only. From two rows on, a weight chunk decoded to float
+    // once serves every row with one FMA per 16 weights, fewer instructions than two integer dots
+    // per row, and exact float.
+    if (num_rows == 1) {
+      qlinear_row_i8<G, BITS>(x.data_ptr<float>(), K, q, scale, offset, bias, y.data_ptr<float>(), N);
       return y;
     }
 #endif
