@@ -59,9 +59,11 @@ class MLAAttention(nn.Module):
         keys = torch.cat((k_nope, k_rope[:, None, :].expand(-1, self.num_heads, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)                              # [T, H, nope + rope]
         mask = None if chunk.start == 0 else meta.prefill_mask(index, None)
-        out = F.scaled_dot_product_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                                             attn_mask=mask, is_causal=mask is None, scale=config.softmax_scale)
-        return out.transpose(0, 1)                                               # [T, H, v]
+        # NOTE: 4-D, as torch's CPU flash-attention kernel takes them (see Attention._prefill).
+        out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                             values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                             scale=config.softmax_scale)
+        return out[0].transpose(0, 1)                                            # [T, H, v]
 
     def _decode(self, q_nope: torch.Tensor, q_rope: torch.Tensor, meta: AttentionMetadata,
                 kv_b_proj: Linear) -> torch.Tensor:
