@@ -199,13 +199,15 @@ constexpr int kLanes = kChunk / 4;   // int32 lanes, each the sum of 4 byte prod
 // per block after; AVX2 moves the weights' signs onto x instead (sign_epi8, no correction).
 constexpr bool kShiftedCodes = kChunk == 64;
 
-// Where byte p of a chunk's weight register meets x: the offset in the chunk. 8-bit chunks and AVX2's
-// 4-bit ones (one group: low nibbles, weights 0-15, then high ones, 16-31) are in x's order; AVX-512's
-// 4-bit chunk is two groups' 32 code bytes as [low nibbles of both | high nibbles of both].
+// Where x's value k sits among the int8 codes: each chunk holds its values in the order its weight
+// register does. 8-bit chunks and AVX2's 4-bit ones (one group: low nibbles, weights 0-15, then high
+// ones, 16-31) are in x's order; AVX-512's 4-bit chunk is two groups' 32 code bytes as [low nibbles of
+// both | high nibbles of both], x's 16-value quarters 0, 2, 1, 3. The map is its own inverse.
 template <int BITS>
-inline int chunk_position(int p) {
-  if (BITS == 8 || kChunk == 32) return p;
-  return ((p >> 4) & 1) * 32 + (p & 15) + (p >= 32 ? 16 : 0);
+inline int64_t chunk_offset(int64_t k) {
+  if (BITS == 8 || kChunk == 32) return k;
+  const int64_t quarter = (k >> 4) & 3;
+  return (k & ~int64_t{63}) | ((quarter == 1 ? 2 : quarter == 2 ? 1 : quarter) << 4) | (k & 15);
 }
 
 // One row of x, quantized. Reused per thread: a decode step quantizes ~120 rows.
@@ -216,7 +218,6 @@ struct I8Row {
   std::vector<float> shift;     // [blocks]: 128 * d * sum(codes), when kShiftedCodes
   std::vector<float> sum;       // [blocks]: the block's sum of x (exact), for weight offsets
   std::vector<int64_t> exact;   // blocks multiplied in float
-  std::vector<int8_t> natural;  // scratch: codes, then residuals, in x's order
   std::vector<float> d;         // scratch: d per block
 };
 
@@ -232,7 +233,6 @@ const I8Row& quantize_row_i8(const float* x, int64_t K) {
   const int64_t blocks = K / G, chunks = (K + kChunk - 1) / kChunk;
   out.codes.assign(chunks * kChunk, 0);
   out.residual.assign(chunks * kChunk, 0);
-  out.natural.assign(2 * chunks * kChunk, 0);
   out.lane_d.assign(chunks * kLanes, 0.f);
   out.shift.assign(blocks, 0.f);
   out.sum.resize(blocks);
@@ -260,8 +260,6 @@ const I8Row& quantize_row_i8(const float* x, int64_t K) {
     out.d[b] = max_abs / 127.f;
     const __m256 inv = _mm256_set1_ps(127.f / max_abs);
     __m256 codes_sum = _mm256_setzero_ps();
-    int8_t* hi = out.natural.data() + b * G;
-    int8_t* lo = hi + chunks * kChunk;
     for (int j = 0; j < G; j += 8) {
       // NOTE: rounding to nearest (the default MXCSR mode); |scaled| <= 127, and scaled - code is exact.
       const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(xb + j), inv);
@@ -269,21 +267,16 @@ const I8Row& quantize_row_i8(const float* x, int64_t K) {
       const __m256 rest = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(scaled, code), _mm256_set1_ps(kResidualScale)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       codes_sum = _mm256_add_ps(codes_sum, _mm256_fmadd_ps(rest, _mm256_set1_ps(1.f / kResidualScale), code));
-      store_bytes8(_mm256_cvtps_epi32(code), hi + j);
-      store_bytes8(_mm256_cvtps_epi32(rest), lo + j);
+      // 8 values never straddle a 16-value quarter, so they stay together in the chunk order.
+      const int64_t at = chunk_offset<BITS>(b * G + j);
+      store_bytes8(_mm256_cvtps_epi32(code), out.codes.data() + at);
+      store_bytes8(_mm256_cvtps_epi32(rest), out.residual.data() + at);
     }
     out.shift[b] = 128.f * out.d[b] * hsum(codes_sum);
   }
   for (int64_t c = 0; c < chunks; ++c) {
-    for (int p = 0; p < kChunk; ++p) {
-      const int64_t k = c * kChunk + chunk_position<BITS>(p);
-      if (k < K) {
-        out.codes[c * kChunk + p] = out.natural[k];
-        out.residual[c * kChunk + p] = out.natural[chunks * kChunk + k];
-      }
-    }
     for (int l = 0; l < kLanes; ++l) {
-      const int64_t k = c * kChunk + chunk_position<BITS>(4 * l);
+      const int64_t k = chunk_offset<BITS>(c * kChunk + 4 * l);   // the x value lane l starts with
       if (k < K) out.lane_d[c * kLanes + l] = out.d[k / G] * (BITS == 4 && kChunk == 64 && l >= 8 ? 1.f / 16 : 1.f);
     }
   }
