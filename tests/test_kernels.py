@@ -151,7 +151,8 @@ def test_qlinear_matches_dequantized_matmul(num_rows, group, asymmetric, bits):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def one_row_bound(x: torch.Tensor, weights: torch.Tensor, group: int, float_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+def one_row_bound(x: torch.Tensor, weights: torch.Tensor, group: int,
+                  float_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """How far one row's product may be off the float64 one: x runs as an int8 code plus an int8
     residual per weight group (so each value is off by at most max|block| / (127 * 508)), except
     `float_blocks`, multiplied in float; plus float32 rounding of the sums."""

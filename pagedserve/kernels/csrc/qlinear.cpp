@@ -215,7 +215,7 @@ struct I8Row {
   std::vector<int8_t> codes;    // [chunks * kChunk] in each chunk's register order; 0 in float blocks
   std::vector<int8_t> residual; // like codes: (x / d - code) * kResidualScale, rounded
   std::vector<float> lane_d;    // [chunks * kLanes]: each lane's block scale d (/ 16: see load_chunk)
-  std::vector<float> shift;     // [blocks]: 128 * d * sum(codes), when kShiftedCodes
+  std::vector<float> shift;     // [blocks]: 128 * d * sum(code + residual / 254), when kShiftedCodes
   std::vector<float> sum;       // [blocks]: the block's sum of x (exact), for weight offsets
   std::vector<int64_t> exact;   // blocks multiplied in float
   std::vector<float> d;         // scratch: d per block
@@ -388,12 +388,12 @@ void qlinear_i8_rows(const I8Row& xq, const float* x, int64_t K, const uint8_t* 
     // Two accumulators: consecutive chunks' multiply-adds do not wait on each other.
     Floats acc[2] = {zero_floats(), zero_floats()};
     auto step = [&](int64_t c, int count, Floats& into) {
+      const Floats w_scales = chunk_scales<G, BITS>(sn + c * (kChunk / G), count);
+      const Floats dot = chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count);
 #if defined(PS_AVX512)
-      const Floats s = _mm512_mul_ps(chunk_scales<G, BITS>(sn + c * (kChunk / G), count), _mm512_loadu_ps(xd + c * kLanes));
-      into = _mm512_fmadd_ps(chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count), s, into);
+      into = _mm512_fmadd_ps(dot, _mm512_mul_ps(w_scales, _mm512_loadu_ps(xd + c * kLanes)), into);
 #else
-      const Floats s = _mm256_mul_ps(chunk_scales<G, BITS>(sn + c * (kChunk / G), count), _mm256_loadu_ps(xd + c * kLanes));
-      into = _mm256_fmadd_ps(chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count), s, into);
+      into = _mm256_fmadd_ps(dot, _mm256_mul_ps(w_scales, _mm256_loadu_ps(xd + c * kLanes)), into);
 #endif
     };
     int64_t c = 0;
@@ -405,13 +405,15 @@ void qlinear_i8_rows(const I8Row& xq, const float* x, int64_t K, const uint8_t* 
     if (tail) step(full, tail, acc[1]);
     for (const int64_t e : xq.exact) {   // float blocks
 #if defined(PS_AVX512)
-      for (int j = 0; j < G / 16; ++j)
-        acc[j & 1] = _mm512_fmadd_ps(_mm512_mul_ps(decode16<BITS>(qn + e * G * BITS / 8, j), _mm512_loadu_ps(x + e * G + 16 * j)),
-                                     _mm512_set1_ps(sn[e]), acc[j & 1]);
+      for (int j = 0; j < G / 16; ++j) {
+        const __m512 wx = _mm512_mul_ps(decode16<BITS>(qn + e * G * BITS / 8, j), _mm512_loadu_ps(x + e * G + 16 * j));
+        acc[j & 1] = _mm512_fmadd_ps(wx, _mm512_set1_ps(sn[e]), acc[j & 1]);
+      }
 #else
-      for (int j = 0; j < G / 8; ++j)
-        acc[j & 1] = _mm256_fmadd_ps(_mm256_mul_ps(decode8<BITS>(qn + e * G * BITS / 8, j), _mm256_loadu_ps(x + e * G + 8 * j)),
-                                     _mm256_set1_ps(sn[e]), acc[j & 1]);
+      for (int j = 0; j < G / 8; ++j) {
+        const __m256 wx = _mm256_mul_ps(decode8<BITS>(qn + e * G * BITS / 8, j), _mm256_loadu_ps(x + e * G + 8 * j));
+        acc[j & 1] = _mm256_fmadd_ps(wx, _mm256_set1_ps(sn[e]), acc[j & 1]);
+      }
 #endif
     }
     float total = reduce_floats(add_floats(acc[0], acc[1]));
