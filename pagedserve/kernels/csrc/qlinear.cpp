@@ -360,16 +360,29 @@ inline __m256 chunk_dot(const uint8_t* q, const int8_t* xc, const int8_t* xr, in
 }
 #endif
 
+// The float side of the one-row path, one register of kLanes floats on either ISA.
 #if defined(PS_AVX512)
 using Floats = __m512;
 inline Floats zero_floats() { return _mm512_setzero_ps(); }
+inline Floats load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline Floats broadcast_floats(float v) { return _mm512_set1_ps(v); }
 inline Floats add_floats(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+inline Floats mul_floats(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+inline Floats fma_floats(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
 inline float reduce_floats(Floats a) { return _mm512_reduce_add_ps(a); }
+template <int BITS>
+inline Floats decode_floats(const uint8_t* group, int j) { return decode16<BITS>(group, j); }
 #else
 using Floats = __m256;
 inline Floats zero_floats() { return _mm256_setzero_ps(); }
+inline Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+inline Floats broadcast_floats(float v) { return _mm256_set1_ps(v); }
 inline Floats add_floats(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+inline Floats mul_floats(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
+inline Floats fma_floats(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
 inline float reduce_floats(Floats a) { return hsum(a); }
+template <int BITS>
+inline Floats decode_floats(const uint8_t* group, int j) { return decode8<BITS>(group, j); }
 #endif
 
 // Weight rows [n_begin, n_end) against the quantized row.
@@ -390,11 +403,7 @@ void qlinear_i8_rows(const I8Row& xq, const float* x, int64_t K, const uint8_t* 
     auto step = [&](int64_t c, int count, Floats& into) {
       const Floats w_scales = chunk_scales<G, BITS>(sn + c * (kChunk / G), count);
       const Floats dot = chunk_dot<G, BITS>(qn + c * chunk_bytes, xc + c * kChunk, xr + c * kChunk, count);
-#if defined(PS_AVX512)
-      into = _mm512_fmadd_ps(dot, _mm512_mul_ps(w_scales, _mm512_loadu_ps(xd + c * kLanes)), into);
-#else
-      into = _mm256_fmadd_ps(dot, _mm256_mul_ps(w_scales, _mm256_loadu_ps(xd + c * kLanes)), into);
-#endif
+      into = fma_floats(dot, mul_floats(w_scales, load_floats(xd + c * kLanes)), into);
     };
     int64_t c = 0;
     for (; c + 2 <= full; c += 2) {
@@ -403,18 +412,12 @@ void qlinear_i8_rows(const I8Row& xq, const float* x, int64_t K, const uint8_t* 
     }
     if (c < full) step(c, kChunk, acc[0]);
     if (tail) step(full, tail, acc[1]);
-    for (const int64_t e : xq.exact) {   // float blocks
-#if defined(PS_AVX512)
-      for (int j = 0; j < G / 16; ++j) {
-        const __m512 wx = _mm512_mul_ps(decode16<BITS>(qn + e * G * BITS / 8, j), _mm512_loadu_ps(x + e * G + 16 * j));
-        acc[j & 1] = _mm512_fmadd_ps(wx, _mm512_set1_ps(sn[e]), acc[j & 1]);
+    for (const int64_t e : xq.exact) {   // float blocks, kLanes weights at a time
+      const uint8_t* qe = qn + e * G * BITS / 8;
+      for (int j = 0; j < G / kLanes; ++j) {
+        const Floats wx = mul_floats(decode_floats<BITS>(qe, j), load_floats(x + e * G + kLanes * j));
+        acc[j & 1] = fma_floats(wx, broadcast_floats(sn[e]), acc[j & 1]);
       }
-#else
-      for (int j = 0; j < G / 8; ++j) {
-        const __m256 wx = _mm256_mul_ps(decode8<BITS>(qn + e * G * BITS / 8, j), _mm256_loadu_ps(x + e * G + 8 * j));
-        acc[j & 1] = _mm256_fmadd_ps(wx, _mm256_set1_ps(sn[e]), acc[j & 1]);
-      }
-#endif
     }
     float total = reduce_floats(add_floats(acc[0], acc[1]));
     if (offset) total += dot_floats(offset + n * blocks, xq.sum.data(), blocks);
