@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.kernels import kernel_isa
 
 PROMPTS = [
     "The capital of France is",
@@ -46,6 +47,14 @@ def hf_greedy(model, tokenizer, prompt_ids: list[int], max_tokens: int) -> tuple
             generated = generated[:index + 1]
             break
     return generated, torch.log_softmax(logits, dim=-1)
+
+
+def packed_atol(float_rows: float, rounded_rows: float) -> float:
+    """The prompt-logprob tolerance for packed (quantized) weights, by what the loaded kernels do with a
+    prompt's rows: float activations on AVX2, and on AVX-512 activations rounded to two int8 levels per
+    weight block (kernels/csrc/qlinear.cpp), each value within 1/64516 of its block's largest. Call it
+    after the LLM is built (the kernels load then)."""
+    return rounded_rows if kernel_isa() == "avx512" else float_rows
 
 
 def check_parity(llm: LLM, hf_model, tokenizer, atol: float, prompts: list[str] = PROMPTS,

@@ -15,7 +15,7 @@ from pagedserve import LLM
 from pagedserve.loader.chat_template import NoChatTemplateError
 from pagedserve.config import ModelConfig
 from pagedserve.loader.source import resolve_model
-from tests.parity import check_parity
+from tests.parity import check_parity, packed_atol
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):"]
@@ -52,9 +52,10 @@ def test_config_matches_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
 
 def test_greedy_tokens_match_transformers_gguf_load(gemma3_llm, gemma3_hf_model):
     # 5e-4: one-row inputs (decoding one sequence) round activations to two int8 levels per block in the
-    # packed matmul, ~2e-4 on a logprob here; the tokens must still be identical.
-    check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=5e-4, prompts=PROMPTS,
-                 max_tokens=MAX_TOKENS)
+    # packed matmul, ~2e-4 on a logprob here; rounded prompt rows too (packed_atol) take it to 5.6e-4
+    # (7e-6 in float). The tokens must still be identical.
+    check_parity(gemma3_llm, gemma3_hf_model, gemma3_llm.get_tokenizer(), atol=packed_atol(5e-4, 1e-3),
+                 prompts=PROMPTS, max_tokens=MAX_TOKENS)
 
 
 def test_base_model_has_no_chat_template(gemma3_llm):

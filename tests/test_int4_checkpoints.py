@@ -16,7 +16,7 @@ from pagedserve.layers.linear import Linear
 from pagedserve.loader.model_info import describe
 from pagedserve.loader.source import resolve_model
 from tests.conftest import save_tiny_checkpoint
-from tests.parity import check_parity
+from tests.parity import check_parity, packed_atol
 
 ENGINE_ARGS = dict(dtype="float32", max_num_batched_tokens=32, num_kv_blocks=256, block_size=4, num_threads=1)
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -192,7 +192,9 @@ def test_int4_checkpoint_matches_dequantized_model(method, group_size, family, a
     packed_bytes = sum(p.out_features * p.in_features * (bits / 8 + (4 + offset_bytes) / 32) for p in projections)
     float_bytes = sum(param.numel() * 4 for param in runner.model.parameters())
     assert runner.num_parameter_bytes == packed_bytes + float_bytes
-    check_parity(llm, hf_model, AutoTokenizer.from_pretrained(folder), atol=1e-3)
+    # Rounded prompt rows (packed_atol): these random 2-layer models' activations reach ~100, and their
+    # prompt logprobs land up to 9e-3 off transformers' (1e-5 in float); the tokens must still match.
+    check_parity(llm, hf_model, AutoTokenizer.from_pretrained(folder), atol=packed_atol(1e-3, 2e-2))
     # `pagedserve show` / Ollama's /api/show: the method as the quantization, weights counted unpacked
     details = describe(resolve_model(str(folder)))
     assert details.quantization == method.upper()

@@ -151,7 +151,7 @@ def test_adapter_on_a_packed_gguf_base_keeps_it_packed(smollm2_path, tmp_path, r
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tests.parity import check_parity
+    from tests.parity import check_parity, packed_atol
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
                                                 dtype=torch.float32)
@@ -168,7 +168,9 @@ def test_adapter_on_a_packed_gguf_base_keeps_it_packed(smollm2_path, tmp_path, r
     layer = llm.engine.runner.model.model.layers[0]
     assert layer.self_attn.qkv_proj.packed is not None and layer.self_attn.qkv_proj.weight is None
     request = LoRARequest("smol", 1, str(tmp_path / "adapter"))
-    adapted = check_parity(llm, merged, llm.get_tokenizer(), atol=2e-3, prompts=PROMPTS[:4], lora_request=request)
+    # Rounded prompt rows (packed_atol): this adapter's large random weights take the logprobs to 2.9e-3 off.
+    adapted = check_parity(llm, merged, llm.get_tokenizer(), atol=packed_atol(2e-3, 5e-3), prompts=PROMPTS[:4],
+                           lora_request=request)
     assert layer.self_attn.qkv_proj.packed is not None
     prompt_ids = [llm.get_tokenizer().encode(p) for p in PROMPTS[:4]]   # as check_parity sends them
     base_outputs = llm.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=12))

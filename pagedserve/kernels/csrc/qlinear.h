@@ -1,9 +1,9 @@
 // qlinear: y = x @ dequant(W)^T (+ bias), W kept as int8 codes with a float scale and offset per group
 // of 16 or 32 weights: w = scale * q + offset. Every GGUF block format we load (Q4_0/1, Q5_0/1, Q8_0,
 // Q4_K, Q5_K, Q6_K) is exactly this after unpacking (pagedserve/layers/quant.py's PackedWeight).
-// Few rows stream the packed weights (one row: x as two int8 levels per weight group and integer dot
-// products; more rows: float); many rows dequantize cache-sized chunks and use torch's GEMM (prefill
-// is compute-bound).
+// x runs as two int8 levels per weight group, against the packed codes in integer dot products, on
+// AVX-512 VNNI at every row count and on AVX2 for one row; other rows on AVX2 multiply float x by
+// weights decoded on the fly (up to 128 rows) or in cache-sized chunks for torch's GEMM.
 #pragma once
 
 #include <ATen/core/Tensor.h>
