@@ -79,33 +79,7 @@ void qlinear_rows_tile(const float* x, int64_t K, const uint8_t* q, const float*
                        const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t groups = K / G, row_bytes = K * BITS / 8, group_bytes = G * BITS / 8;
   int64_t n = n_begin;
-#if defined(PS_AVX512)
-  // 16 codes per instruction: half the decode and FMA instructions of the AVX2 loop below.
-  for (; n + NB <= n_end; n += NB) {
-    __m512 acc[R][NB];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 s[NB], o[NB];
-      const uint8_t* qg[NB];
-      for (int b = 0; b < NB; ++b) {
-        s[b] = _mm512_set1_ps(scale[(n + b) * groups + g]);
-        o[b] = _mm512_set1_ps(offset ? offset[(n + b) * groups + g] : 0.f);
-        qg[b] = q + (n + b) * row_bytes + g * group_bytes;
-      }
-      for (int j = 0; j < G / 16; ++j) {
-        __m512 xv[R];
-        for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * K + g * G + 16 * j);
-        for (int b = 0; b < NB; ++b) {
-          const __m512 w = _mm512_fmadd_ps(decode16<BITS>(qg[b], j), s[b], o[b]);
-          for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(xv[r], w, acc[r][b]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) y[r * N + n + b] = _mm512_reduce_add_ps(acc[r][b]) + (bias ? bias[n + b] : 0.f);
-  }
-#elif defined(PS_AVX2)
+#ifdef PS_AVX2
   for (; n + NB <= n_end; n += NB) {
     __m256 acc[R][NB];
     for (int r = 0; r < R; ++r)
@@ -849,27 +823,25 @@ at::Tensor qlinear_impl(const at::Tensor& x, const uint8_t* q, const float* scal
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options());
   float* out = y.data_ptr<float>();
-#if defined(PS_AVX512)
-  // Measured on SmolLM2's own activations (2-core EPYC, AVX-512), against the float paths: 1.8-2.9x at
-  // 16 rows, 1.05-3.3x at 64, 0.95-1.6x dequantize-and-GEMM at 512.
-  if (num_rows >= 2) {
-    qlinear_rows_i8<G, BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, out, N);
-    return y;
-  }
-#endif
 #ifdef PS_AVX2
-  // NOTE: integer dot products on AVX2 for one row only (see qlinear_rows_i8).
   if (num_rows == 1) {
     qlinear_row_i8<G, BITS>(x.data_ptr<float>(), K, q, scale, offset, bias, out, N);
     return y;
   }
 #endif
+#if defined(PS_AVX512)
+  // Measured on SmolLM2's own activations (2-core EPYC, AVX-512), against the float paths: 1.8-2.9x at
+  // 16 rows, 1.05-3.3x at 64, 0.95-1.6x dequantize-and-GEMM at 512. The float paths are not built here.
+  if (num_rows >= 2) qlinear_rows_i8<G, BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, out, N);
+#else
+  // NOTE: integer dot products on AVX2 for one row only (see qlinear_rows_i8).
   if (num_rows <= kStreamingMaxRows) {
     qlinear_rows<G, BITS>(x.data_ptr<float>(), num_rows, K, q, scale, offset, bias, out, N);
   } else {
     at::Tensor y2d = y.view({num_rows, N});
     qlinear_chunks<G, BITS>(x.reshape({num_rows, K}), q, scale, offset, bias, y2d);
   }
+#endif
   return y;
 }
 
